@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install system-deps bench-ingest clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+## Debian's dcmtk, dicom3tools and orthanc (the tests' real peers); needs root.
+system-deps:
+	./scripts/install-system-deps.sh
+
+## The main job on the embedded default: SQLite, server-less broker, no servers to install.
+demo: $(STAMP)
+	$(BIN)/gvr demo
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-ingest: $(STAMP) system-deps
+	$(BIN)/python -m benchmarks.ingest
+
+clean:
+	rm -rf $(VENV) gvr-data .pytest_cache

@@ -1,0 +1,1 @@
+"""Models, bundles, preprocessing, prediction, rationale optimisation and the GPU task."""

@@ -1,0 +1,1 @@
+"""The audit database: every association, instance, study, job, delivery and event."""

@@ -1,0 +1,1 @@
+"""The ``gvr`` command: one entry point, one module per sub-command."""

@@ -1,0 +1,52 @@
+"""``gvr``: dispatch to a sub-command module, imported only when it runs.
+
+Each sub-command module has ``build_parser() -> argparse.ArgumentParser`` and
+``main(argv: list[str] | None = None) -> int``. Importing lazily keeps
+``gvr node`` free of torch (the training and inference commands need it).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "node": ("node.cli.node_cmd", "run the storage SCP and the study assembler"),
+    "echo": ("node.cli.echo", "C-ECHO a DICOM peer: gvr echo AE@host:port"),
+    "send": ("node.cli.send", "C-STORE files to a peer: gvr send PATH... --to AE@host:port"),
+    "db": ("node.cli.db", "audit database maintenance: gvr db upgrade"),
+    "audit": ("node.cli.audit", "show recent associations, studies, jobs and events"),
+    "phantoms": ("training.cli.phantoms", "write synthetic chest radiograph phantoms"),
+    "train": ("training.cli.train", "train the generator, encoder or latent classifier"),
+    "evaluate": ("training.cli.evaluate", "evaluate a bundle on held-out images"),
+    "export": ("training.cli.export", "write a model bundle from trained checkpoints"),
+    "explain": ("inference.cli.explain", "predict and explain DICOM files offline"),
+    "worker": ("inference.cli.worker", "run a Celery worker (queues gpu and/or dicom)"),
+    "demo": ("node.cli.demo", "the end-to-end demo on the embedded default"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: gvr COMMAND [options]   (gvr COMMAND --help for each)", "", "commands:"]
+    for name, (_module, summary) in COMMANDS.items():
+        lines.append(f"  {name.ljust(width)}  {summary}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS:
+        print(f"gvr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

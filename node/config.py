@@ -1,0 +1,205 @@
+"""One typed settings object, built once at startup and passed down.
+
+Sources, highest priority first: keyword overrides, ``GVR_*`` environment
+variables, a TOML file (``--config`` or ``GVR_CONFIG``), the defaults below.
+Nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "GVR_"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+def split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma/space separated string (friendlier in env files)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item for item in re.split(r"[,\s]+", text) if item]
+
+
+def check_ae_title(value: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(stripped):
+        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
+    return stripped
+
+
+class Peer(BaseModel):
+    """A DICOM application entity we connect to (a PACS, a result destination)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
+
+    @classmethod
+    def parse(cls, text: str) -> "Peer":
+        """Parse ``AE@host:port`` (the form the CLI and env vars use)."""
+        match = _PEER.match(text.strip())
+        if not match:
+            raise ValueError(f"invalid peer {text!r}: expected AE@host:port, e.g. ORTHANC@127.0.0.1:4242")
+        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the node, with a safe default. The README's table lists them."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # -- identity and network
+    ae_title: str = Field("GVRNODE", description="AE title the storage SCP answers to")
+    bind_address: str = Field("127.0.0.1", description="address the SCP listens on (0.0.0.0 for all)")
+    port: int = Field(11112, ge=0, le=65535, description="DICOM port of the SCP")
+    allowed_calling_aets: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="calling AE titles accepted; empty accepts any"
+    )
+    allowed_peer_ips: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="peer IP addresses accepted; empty accepts any"
+    )
+    max_associations: int = Field(16, ge=1, description="concurrent associations the SCP serves")
+    max_pdu_size: int = Field(0, ge=0, description="maximum PDU we receive; 0 is unlimited (fastest)")
+    network_timeout: float = Field(60.0, gt=0, description="seconds an idle association may stay open")
+    dimse_timeout: float = Field(30.0, gt=0, description="seconds to wait for a DIMSE message")
+    acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
+    # -- TLS (all three for mutual TLS; cert+key for server-only TLS)
+    tls_cert: Path | None = Field(None, description="PEM certificate: enables TLS on the SCP")
+    tls_key: Path | None = Field(None, description="PEM private key for tls_cert")
+    tls_ca: Path | None = Field(None, description="PEM CA bundle: clients must present a cert signed by it")
+    # -- storage and state
+    data_dir: Path = Field(Path("gvr-data"), description="spool and default SQLite files")
+    database_url: str | None = Field(None, description="audit DB; default sqlite:///<data_dir>/audit.sqlite3")
+    broker_url: str | None = Field(
+        None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.sqlite3 (no server)"
+    )
+    min_free_disk_mb: int = Field(256, ge=0, description="refuse instances (0xA700) below this free space")
+    # -- study assembly
+    study_stable_seconds: float = Field(5.0, gt=0, description="a study is complete after this quiet time")
+    complete_on_release: bool = Field(False, description="also complete a study when its association ends")
+    assembler_poll_seconds: float = Field(0.5, gt=0, description="how often the assembler looks for stable studies")
+    # -- results
+    destinations: Annotated[list[Peer], NoDecode] = Field(
+        default_factory=list, description="where results go, AE@host:port each; e.g. the PACS"
+    )
+    bundle_dir: Path | None = Field(None, description="model bundle; default the demo bundle shipped")
+    device: str = Field("cpu", description="cpu or cuda for the inference worker")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return check_ae_title(value)
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _aets(cls, value: Any) -> Any:
+        value = split_list(value)
+        return [check_ae_title(v) for v in value]
+
+    @field_validator("allowed_peer_ips", mode="before")
+    @classmethod
+    def _ips(cls, value: Any) -> Any:
+        value = split_list(value)
+        return value
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: Any) -> Any:
+        value = split_list(value)
+        return [Peer.parse(v) if isinstance(v, str) else v for v in value]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError(f"invalid device {value!r}: expected cpu, cuda or cuda:N")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca needs tls_cert and tls_key (the SCP's own identity)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = os.environ.get(ENV_PREFIX + "CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_path)))
+        return tuple(sources)
+
+    # -- derived values (never stored twice)
+    @property
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.resolved_data_dir / "spool"
+
+    @property
+    def audit_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.resolved_data_dir / 'audit.sqlite3'}"
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or f"sqla+sqlite:///{self.resolved_data_dir / 'broker.sqlite3'}"
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings once at startup.
+
+    ``config_file`` wins over ``GVR_CONFIG``. Raises ``ValueError`` (pydantic's
+    ``ValidationError``) naming the bad setting.
+    """
+    if config_file is not None:
+        if not config_file.is_file():
+            raise FileNotFoundError(f"config file {config_file} does not exist")
+        previous = os.environ.get(ENV_PREFIX + "CONFIG")
+        os.environ[ENV_PREFIX + "CONFIG"] = str(config_file)
+        try:
+            return Settings(**overrides)
+        finally:
+            if previous is None:
+                del os.environ[ENV_PREFIX + "CONFIG"]
+            else:
+                os.environ[ENV_PREFIX + "CONFIG"] = previous
+    return Settings(**overrides)

@@ -1,0 +1,1 @@
+"""Phantoms, datasets, training loops, evaluation and bundle export."""

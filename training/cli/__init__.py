@@ -1,0 +1,1 @@
+"""gvr sub-commands of this package."""
