@@ -49,19 +49,21 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
     """
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
-        header = InstanceHeader(
-            sop_class_uid=str(ds.SOPClassUID),
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            study_uid=str(ds.StudyInstanceUID),
-            series_uid=str(ds.SeriesInstanceUID),
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            modality=str(ds.get("Modality", "")) or None,
-        )
+        transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
     except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OverflowError) as error:
         raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {error}") from error
-    for name, value in (("StudyInstanceUID", header.study_uid), ("SeriesInstanceUID", header.series_uid)):
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = str(ds.get(keyword, "") or "")
         if not value or not UID(value).is_valid:
-            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"invalid {name} {value!r}")
+            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword} {value!r}")
+    header = InstanceHeader(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax=transfer_syntax,
+        modality=str(ds.get("Modality", "") or "") or None,
+    )
     if header.sop_instance_uid != expected_sop_instance:
         raise InstanceRejectedError(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -86,6 +88,7 @@ def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
     last_end = None
     for element in ds.elements():
         if not isinstance(element, RawDataElement):
+            last_end = None  # parsed already (a sequence): its end is not known, nothing to compare
             continue
         held = len(element.value) if element.value is not None else 0
         if element.length == _UNDEFINED:
@@ -142,6 +145,8 @@ def _native_pixel_bytes(ds: pydicom.Dataset) -> int | None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+        samples = 2  # chroma shared by each pair of pixels
     return (rows * columns * samples * frames * bits + 7) // 8
 
 

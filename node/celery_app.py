@@ -1,0 +1,57 @@
+"""The Celery application shared by the node (producer) and the workers.
+
+The node only sends tasks by name, so it never imports the inference code (nor
+torch). Workers build the same app with their task modules included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from node.config import Settings
+
+TASK_ANALYZE = "inference.analyze_study"
+TASK_DELIVER = "node.deliver_results"
+QUEUE_GPU = "gpu"
+QUEUE_DICOM = "dicom"
+
+
+def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
+    """Build the app for these settings (no global app: tests run several side by side)."""
+    broker = settings.celery_broker_url
+    if broker.startswith("sqla+sqlite:///"):
+        Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    app = Celery("gvr", broker=broker, include=list(include), set_as_current=False)
+    app.conf.update(_conf(settings))
+    return app
+
+
+def _conf(settings: Settings) -> dict[str, Any]:
+    return {
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "task_acks_late": True,  # a job whose worker dies is redelivered, not lost
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,  # a GPU worker holds one job at a time
+        "task_routes": {TASK_ANALYZE: {"queue": QUEUE_GPU}, TASK_DELIVER: {"queue": QUEUE_DICOM}},
+        "task_default_queue": QUEUE_GPU,
+        "broker_connection_retry_on_startup": True,
+        # Redis redelivers an unacknowledged job after this; keep it above the longest job.
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "worker_hijack_root_logger": False,
+    }
+
+
+def enqueue_analysis(app: Celery, job_id: str) -> None:
+    """Put one job on the ``gpu`` queue; raises if the broker cannot take it."""
+    app.send_task(
+        TASK_ANALYZE,
+        args=[job_id],
+        queue=QUEUE_GPU,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+    )

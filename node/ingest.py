@@ -1,0 +1,164 @@
+"""Receive one instance: check it, spool it durably, audit it, then (only then) say success.
+
+The storage SCP calls ``Ingestor.receive`` from each association's thread; the
+returned status goes back to the peer unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from node.audit.db import AuditDB, add_event
+from node.audit.models import Instance, InstanceStatus, Study, StudyState, utcnow
+from node.errors import InstanceRejectedError, StoreStatus
+from node.inspect_instance import InstanceHeader, read_header
+from node.spool import Spool, SpooledFile, SpoolFullError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """What the peer sent: the raw data set and the C-STORE request's identifiers."""
+
+    data: bytes
+    sop_class_uid: str
+    sop_instance_uid: str
+    association_id: int | None
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """The status to answer, and the study the instance belongs to when it was kept."""
+
+    status: StoreStatus
+    study_uid: str | None = None
+
+
+class Ingestor:
+    """Spool + audit for received instances; holds no per-instance state."""
+
+    def __init__(self, spool: Spool, audit: AuditDB, actor: str) -> None:
+        self.spool = spool
+        self.audit = audit
+        self.actor = actor
+
+    def receive(self, request: StoreRequest) -> IngestResult:
+        """Store and audit one instance. Never raises: every failure becomes a status."""
+        try:
+            header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid)
+            status = self._store(request, header)
+        except InstanceRejectedError as rejected:
+            return self._refuse(request, rejected.status, rejected.reason)
+        except SpoolFullError as error:
+            return self._refuse(request, StoreStatus.OUT_OF_RESOURCES, f"spool full: {error.strerror}")
+        except OSError as error:
+            return self._refuse(request, StoreStatus.OUT_OF_RESOURCES, f"spool write failed: {error}")
+        return IngestResult(status, header.study_uid if status == StoreStatus.SUCCESS else None)
+
+    def _refuse(self, request: StoreRequest, status: StoreStatus, reason: str) -> IngestResult:
+        self._audit_rejection(request, status, reason)
+        return IngestResult(status)
+
+    def _store(self, request: StoreRequest, header: InstanceHeader) -> StoreStatus:
+        final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
+        spooled = self.spool.store(request.data, final)
+        if not spooled.created and self._has_accepted(header.sop_instance_uid):
+            return self._record_duplicate(request, header, spooled)
+        if not spooled.created:  # a file without its audit row: left by a crash; this copy wins
+            spooled = self.spool.store(request.data, final, replace=True)
+        try:
+            with self.audit.session() as session:
+                session.add(_instance_row(request, header, spooled, InstanceStatus.ACCEPTED))
+                _touch_study(session, header.study_uid)
+        except IntegrityError:  # the same instance committed by a concurrent association
+            return self._record_duplicate(request, header, spooled)
+        except SQLAlchemyError as error:
+            final.unlink(missing_ok=True)  # no audit row, so no acknowledged file
+            log.error("audit write failed, instance refused (0xA700): %s", error)
+            return StoreStatus.OUT_OF_RESOURCES
+        return StoreStatus.SUCCESS
+
+    def _has_accepted(self, sop_instance_uid: str) -> bool:
+        with self.audit.session() as session:
+            found = session.scalar(
+                select(Instance.id).where(
+                    Instance.sop_instance_uid == sop_instance_uid,
+                    Instance.status == InstanceStatus.ACCEPTED,
+                )
+            )
+        return found is not None
+
+    def _record_duplicate(self, request: StoreRequest, header: InstanceHeader, first: SpooledFile) -> StoreStatus:
+        digest = hashlib.sha256(request.data).hexdigest()
+        copy = SpooledFile(first.path, digest, len(request.data), created=False)
+        try:
+            with self.audit.session() as session:
+                row = _instance_row(request, header, copy, InstanceStatus.DUPLICATE)
+                row.reason = "SOP instance already stored; first copy kept"
+                session.add(row)
+        except SQLAlchemyError as error:
+            log.error("audit write failed for a duplicate, refused (0xA700): %s", error)
+            return StoreStatus.OUT_OF_RESOURCES
+        return StoreStatus.SUCCESS
+
+    def _audit_rejection(self, request: StoreRequest, status: StoreStatus, reason: str) -> None:
+        log.warning("instance refused with %s (0x%04X): %s", status.name, status, reason)
+        row = Instance(
+            association_id=request.association_id,
+            status=InstanceStatus.REJECTED,
+            dimse_status=int(status),
+            reason=reason,
+            sop_instance_uid=request.sop_instance_uid or None,
+            sop_class_uid=request.sop_class_uid or None,
+            size_bytes=len(request.data),
+            sha256=hashlib.sha256(request.data).hexdigest(),
+        )
+        try:
+            with self.audit.session() as session:
+                session.add(row)
+                add_event(session, "instance.rejected", ("association", request.association_id), self.actor, reason)
+        except SQLAlchemyError as error:
+            log.error("audit write failed while refusing an instance: %s", error)
+
+
+def _instance_row(
+    request: StoreRequest, header: InstanceHeader, spooled: SpooledFile, status: InstanceStatus
+) -> Instance:
+    return Instance(
+        association_id=request.association_id,
+        status=status,
+        dimse_status=int(StoreStatus.SUCCESS),
+        sop_instance_uid=header.sop_instance_uid,
+        sop_class_uid=header.sop_class_uid,
+        series_uid=header.series_uid,
+        study_uid=header.study_uid,
+        transfer_syntax=header.transfer_syntax,
+        modality=header.modality,
+        size_bytes=spooled.size_bytes,
+        sha256=spooled.sha256,
+        spool_path=str(spooled.path),
+    )
+
+
+def _touch_study(session: Session, study_uid: str) -> None:
+    """Create the study or mark it receiving again; one statement, safe under concurrency."""
+    now = utcnow()
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(Study).values(
+        study_uid=study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now
+    )
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[Study.study_uid],
+            set_={"last_received_at": now, "state": StudyState.RECEIVING},
+        )
+    )

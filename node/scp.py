@@ -1,0 +1,249 @@
+"""The storage SCP: pynetdicom server with handlers bound to spool, audit and settings.
+
+Verification and Storage for the image storage SOP classes and SR, the transfer
+syntaxes the node keeps as received (no transcoding). Association audit rows come
+from pynetdicom's notification events; the C-STORE handler delegates to ``Ingestor``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.audit.db import AuditDB, add_event
+from node.audit.models import Association, AssociationOutcome, utcnow
+from node.config import Settings
+from node.errors import StoreStatus
+from node.ingest import Ingestor, StoreRequest
+from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
+
+log = logging.getLogger(__name__)
+
+ReleaseCallback = Callable[[set[str]], None]
+
+
+def set_nodelay(sock: socket.socket) -> None:
+    """Disable Nagle's algorithm: on loopback it costs ~40 ms per DIMSE exchange."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not a TCP socket (e.g. already closed): nothing to tune
+
+
+class AssociationLog:
+    """Audit rows for associations, keyed by the live pynetdicom Association object."""
+
+    def __init__(self, audit: AuditDB, actor: str) -> None:
+        self.audit = audit
+        self.actor = actor
+        self._rows: dict[int, int] = {}
+        self._studies: dict[int, set[str]] = {}
+        self._lock = threading.Lock()
+
+    def open(self, assoc: Any, outcome: AssociationOutcome, reason: str | None = None) -> int | None:
+        requestor = assoc.requestor
+        row = Association(
+            calling_ae=str(requestor.ae_title).strip()[:16],
+            called_ae=str(assoc.acceptor.ae_title).strip()[:16],
+            peer_ip=str(requestor.address),
+            peer_port=int(requestor.port or 0),
+            outcome=outcome,
+            reason=reason,
+            tls=isinstance(assoc.dul.socket.socket, ssl.SSLSocket) if assoc.dul.socket else False,
+        )
+        if outcome != AssociationOutcome.OPEN:
+            row.ended_at = utcnow()
+        try:
+            with self.audit.session() as session:
+                session.add(row)
+                session.flush()
+                if reason:
+                    add_event(session, f"association.{outcome.value}", ("association", row.id), self.actor, reason)
+        except SQLAlchemyError as error:
+            log.error("could not audit an association: %s", error)
+            return None
+        with self._lock:
+            self._rows[id(assoc)] = row.id
+        return row.id
+
+    def row_id(self, assoc: Any) -> int | None:
+        with self._lock:
+            return self._rows.get(id(assoc))
+
+    def note_study(self, assoc: Any, study_uid: str) -> None:
+        with self._lock:
+            self._studies.setdefault(id(assoc), set()).add(study_uid)
+
+    def close(self, assoc: Any, outcome: AssociationOutcome) -> set[str]:
+        """Record the end; returns the studies this association delivered instances for."""
+        with self._lock:
+            row_id = self._rows.pop(id(assoc), None)
+            studies = self._studies.pop(id(assoc), set())
+        if row_id is None:
+            return studies
+        try:
+            with self.audit.session() as session:
+                row = session.get(Association, row_id)
+                if row is not None and row.outcome == AssociationOutcome.OPEN:
+                    row.outcome = outcome
+                    row.ended_at = utcnow()
+        except SQLAlchemyError as error:
+            log.error("could not audit the end of association %s: %s", row_id, error)
+        return studies
+
+
+# -- event handlers: one per event, dependencies bound as arguments -----------------
+
+
+def handle_conn_open(event: Any) -> None:
+    if event.assoc.dul.socket is not None and event.assoc.dul.socket.socket is not None:
+        set_nodelay(event.assoc.dul.socket.socket)
+
+
+def handle_accepted(event: Any, associations: AssociationLog) -> None:
+    associations.open(event.assoc, AssociationOutcome.OPEN)
+
+
+def handle_rejected(event: Any, associations: AssociationLog, settings: Settings) -> None:
+    calling = str(event.assoc.requestor.ae_title).strip()
+    if settings.allowed_calling_aets and calling not in settings.allowed_calling_aets:
+        reason = f"calling AE title {calling!r} is not in allowed_calling_aets"
+    else:
+        reason = "association request rejected (called AE title or association limit)"
+    log.warning("association from %s rejected: %s", event.assoc.requestor.address, reason)
+    associations.open(event.assoc, AssociationOutcome.REJECTED, reason)
+
+
+def handle_released(event: Any, associations: AssociationLog, on_release: ReleaseCallback | None) -> None:
+    studies = associations.close(event.assoc, AssociationOutcome.RELEASED)
+    if on_release is not None and studies:
+        on_release(studies)
+
+
+def handle_aborted(event: Any, associations: AssociationLog) -> None:
+    associations.close(event.assoc, AssociationOutcome.ABORTED)
+
+
+def handle_echo(event: Any) -> int:
+    return int(StoreStatus.SUCCESS)
+
+
+def handle_store(event: Any, ingestor: Ingestor, associations: AssociationLog) -> int:
+    """C-STORE: success only once the bytes are durable in the spool and audited."""
+    try:
+        request = StoreRequest(
+            data=event.encoded_dataset(),
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
+            association_id=associations.row_id(event.assoc),
+        )
+        result = ingestor.receive(request)
+    except Exception:  # the handler boundary: nothing may escape into pynetdicom's thread
+        log.exception("unexpected failure while storing an instance")
+        return int(StoreStatus.PROCESSING_FAILURE)
+    if result.study_uid is not None:
+        associations.note_study(event.assoc, result.study_uid)
+    return int(result.status)
+
+
+# -- the server ---------------------------------------------------------------------
+
+
+def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server TLS from the settings; with ``tls_ca`` every client must show a certificate."""
+    if not settings.tls_enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile=str(settings.tls_cert), keyfile=str(settings.tls_key))
+    if settings.tls_ca is not None:
+        context.load_verify_locations(cafile=str(settings.tls_ca))
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def build_ae(settings: Settings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.network_timeout = settings.network_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.acse_timeout = settings.acse_timeout
+    ae.require_called_aet = True
+    if settings.allowed_calling_aets:
+        ae.require_calling_aet = list(settings.allowed_calling_aets)
+    ae.add_supported_context(Verification)
+    for sop_class in storage_sop_classes():
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    return ae
+
+
+class StorageSCP:
+    """The node's listening side; ``start`` returns once the port is bound."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ingestor: Ingestor,
+        associations: AssociationLog,
+        on_release: ReleaseCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.ingestor = ingestor
+        self.associations = associations
+        self.on_release = on_release
+        self._server: ThreadedAssociationServer | None = None
+
+    def handlers(self) -> list[tuple[Any, ...]]:
+        return [
+            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_ACCEPTED, handle_accepted, [self.associations]),
+            (evt.EVT_REJECTED, handle_rejected, [self.associations, self.settings]),
+            (evt.EVT_RELEASED, handle_released, [self.associations, self.on_release]),
+            (evt.EVT_ABORTED, handle_aborted, [self.associations]),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, handle_store, [self.ingestor, self.associations]),
+        ]
+
+    def start(self) -> int:
+        """Bind and serve in background threads; returns the bound port."""
+        ae = build_ae(self.settings)
+        server = ae.start_server(
+            (self.settings.bind_address, self.settings.port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=make_ssl_context(self.settings),
+        )
+        if self.settings.allowed_peer_ips:
+            allowed = set(self.settings.allowed_peer_ips)
+            server.verify_request = lambda request, address: self._verify_peer(address, allowed)
+        self._server = server
+        port = int(server.server_address[1])
+        log.info("storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.bind_address, port)
+        return port
+
+    def _verify_peer(self, address: Any, allowed: set[str]) -> bool:
+        if address[0] in allowed:
+            return True
+        log.warning("connection from %s refused: not in allowed_peer_ips", address[0])
+        try:
+            with self.associations.audit.session() as session:
+                add_event(session, "connection.refused", ("peer", address[0]), self.associations.actor,
+                          f"peer IP {address[0]} is not in allowed_peer_ips")
+        except SQLAlchemyError as error:
+            log.error("could not audit a refused connection: %s", error)
+        return False
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

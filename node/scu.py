@@ -1,0 +1,122 @@
+"""The node's calling side: C-ECHO and C-STORE to a peer (PACS, another node, a test SCP).
+
+One presentation context per (SOP class, transfer syntax) found in the files, so
+nothing is ever transcoded; TCP_NODELAY on every socket we open.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.sop_class import Verification
+
+from node.config import Peer
+from node.scp import set_nodelay
+
+log = logging.getLogger(__name__)
+MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
+
+
+class PeerUnreachableError(ConnectionError):
+    """The peer refused, rejected or dropped the association."""
+
+
+@dataclass(frozen=True)
+class FileToSend:
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+
+    @classmethod
+    def read(cls, path: Path) -> "FileToSend":
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return cls(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))
+        except (InvalidDicomError, AttributeError, OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a DICOM file we can send: {error}") from error
+
+
+@dataclass(frozen=True)
+class SendResult:
+    path: Path
+    status: int | None  # None: no response (association dropped)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and (self.status == 0 or self.status & 0xF000 == 0xB000)
+
+
+@contextmanager
+def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float = 30.0) -> Iterator[Association]:
+    """An established association with TCP_NODELAY; released (or aborted) on exit."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.requested_contexts = contexts
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    if not assoc.is_established:
+        raise PeerUnreachableError(f"association with {peer} was refused, rejected or timed out")
+    set_nodelay(assoc.dul.socket.socket)
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        else:
+            assoc.abort()
+
+
+def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
+    """C-ECHO; returns the status (0 is success). Raises PeerUnreachableError."""
+    with associate(peer, calling_ae, [build_context(Verification)], timeout) as assoc:
+        response = assoc.send_c_echo()
+    if "Status" not in response:
+        raise PeerUnreachableError(f"{peer} sent no C-ECHO response")
+    return int(response.Status)
+
+
+def send_files(files: Iterable[FileToSend], peer: Peer, calling_ae: str, timeout: float = 30.0) -> list[SendResult]:
+    """C-STORE every file, ``MAX_CONTEXTS`` (class, syntax) pairs per association."""
+    results: list[SendResult] = []
+    for batch in _batches_by_context(list(files)):
+        contexts = sorted({(f.sop_class_uid, f.transfer_syntax) for f in batch})
+        requested = [build_context(sop_class, [syntax]) for sop_class, syntax in contexts]
+        with associate(peer, calling_ae, requested, timeout) as assoc:
+            for item in batch:
+                results.append(_store_one(assoc, item))
+                if not assoc.is_established:
+                    raise PeerUnreachableError(f"{peer} dropped the association after {item.path.name}")
+    return results
+
+
+def _store_one(assoc: Association, item: FileToSend) -> SendResult:
+    try:
+        response = assoc.send_c_store(item.path)
+    except (ValueError, OSError) as error:
+        return SendResult(item.path, None, str(error))
+    status = int(response.Status) if "Status" in response else None
+    return SendResult(item.path, status, None if status is not None else "no response")
+
+
+def _batches_by_context(files: list[FileToSend]) -> Iterator[list[FileToSend]]:
+    batch: list[FileToSend] = []
+    seen: set[tuple[str, str]] = set()
+    for item in files:
+        key = (item.sop_class_uid, item.transfer_syntax)
+        if key not in seen and len(seen) == MAX_CONTEXTS:
+            yield batch
+            batch, seen = [], set()
+        seen.add(key)
+        batch.append(item)
+    if batch:
+        yield batch

@@ -1,0 +1,57 @@
+"""The node process: storage SCP + assembler over one audit DB, spool and broker."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from node.assembler import Assembler
+from node.audit.db import AuditDB, actor_name
+from node.audit.migrate import upgrade
+from node.celery_app import enqueue_analysis, make_celery
+from node.config import Settings
+from node.ingest import Ingestor
+from node.scp import AssociationLog, StorageSCP
+from node.spool import Spool
+
+log = logging.getLogger(__name__)
+
+
+class NodeService:
+    """Everything ``gvr node`` runs, built from one settings object."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        upgrade(settings.audit_url)  # idempotent; keeps the embedded default one command
+        self.audit = AuditDB(settings.audit_url)
+        self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 1024 * 1024)
+        self.celery = make_celery(settings)
+        actor = actor_name("node")
+        self.assembler = Assembler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job), actor)
+        self.scp = StorageSCP(
+            settings,
+            Ingestor(self.spool, self.audit, actor),
+            AssociationLog(self.audit, actor),
+            on_release=self.assembler.mark_released,
+        )
+        self.port: int | None = None
+
+    def start(self) -> int:
+        removed = self.spool.clear_partial_writes()
+        if removed:
+            log.info("removed %d partial write(s) left by an earlier crash", removed)
+        self.port = self.scp.start()
+        self.assembler.start()
+        return self.port
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.assembler.stop()
+        self.audit.dispose()
+
+    def run_until(self, stop: threading.Event) -> None:
+        self.start()
+        try:
+            stop.wait()
+        finally:
+            self.stop()
