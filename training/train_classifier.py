@@ -1,0 +1,146 @@
+"""The latent model: logistic regression and a small MLP on ``E(x)``, the better kept.
+
+Latents of the labelled set are computed once with the frozen encoder and
+saved (``latents.npz``; ``--resume`` reuses them). The set is split, stratified
+and seeded, into training and validation parts; each candidate is fitted
+full-batch, the one with the higher validation AUC is kept, and its decision
+threshold (probability) is Youden's point on validation. ``overfit`` builds
+the paper's control instead: a wide MLP without regularisation fitted to a
+tiny subset for many epochs, whose rationales should look worse.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from inference.models import ClassifierConfig, ClassifierKind, LatentClassifier
+from training.evaluate import roc_auc, youden_threshold
+from training.progress import save_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClassifierTraining:
+    val_fraction: float = 0.2
+    epochs: int = 600
+    lr: float = 1e-2
+    mlp_hidden: int = 64
+    mlp_dropout: float = 0.2
+    weight_decays: tuple[float, ...] = (1e-4, 1e-3, 1e-2)
+    overfit_train_size: int = 40
+    overfit_hidden: int = 512
+    overfit_epochs: int = 3000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in [0.05, 0.5], got {self.val_fraction!r}")
+        for name in ("epochs", "mlp_hidden", "overfit_train_size", "overfit_hidden", "overfit_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["weight_decays"] = list(self.weight_decays)
+        return data
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices) with both classes in both parts."""
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for cls in (False, True):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        if len(idx) < 2:
+            raise ValueError(f"need at least 2 examples of each class, got {len(idx)} with label {cls}")
+        n_val = max(1, int(round(len(idx) * val_fraction)))
+        val.append(idx[:n_val])
+        train.append(idx[n_val:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+
+
+def fit(config: ClassifierConfig, z: torch.Tensor, y: torch.Tensor, epochs: int, lr: float,
+        weight_decay: float, seed: int) -> LatentClassifier:
+    """Full-batch Adam on the binary cross-entropy; standardisation from ``z``."""
+    torch.manual_seed(seed)
+    model = LatentClassifier(config)
+    model.set_standardisation(z.mean(0), z.std(0).clamp_min(1e-6))
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    model.train()
+    for _ in range(epochs):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(z), y)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _probabilities(model: LatentClassifier, z: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return model.predict_proba(z).numpy().astype(np.float64)
+
+
+def select_classifier(z: torch.Tensor, labels: np.ndarray, cfg: ClassifierTraining
+                      ) -> tuple[LatentClassifier, dict[str, Any]]:
+    """Fit every candidate on the training part; keep the best validation AUC."""
+    train, val = stratified_split(labels, cfg.val_fraction, cfg.seed)
+    y = torch.from_numpy(labels.astype(np.float32))
+    d = z.shape[1]
+    candidates: list[tuple[ClassifierConfig, float, float]] = []
+    for wd in cfg.weight_decays:
+        candidates.append((ClassifierConfig(ClassifierKind.LOGISTIC, d), wd, cfg.lr))
+        candidates.append((ClassifierConfig(ClassifierKind.MLP, d, (cfg.mlp_hidden,), cfg.mlp_dropout), wd,
+                           cfg.lr / 5))
+    results, best, best_auc = [], None, -1.0
+    for config, wd, lr in candidates:
+        model = fit(config, z[train], y[train], cfg.epochs, lr, wd, cfg.seed)
+        auc = roc_auc(labels[val], _probabilities(model, z[val]))
+        results.append({"kind": config.kind.value, "weight_decay": wd, "val_auc": auc})
+        logger.info("classifier %s wd=%g: validation AUC %.3f", config.kind.value, wd, auc)
+        if auc > best_auc:
+            best, best_auc = model, auc
+    if best is None:
+        raise RuntimeError("no classifier candidate was fitted")
+    val_p = _probabilities(best, z[val])
+    summary = {"candidates": results, "val_auc": best_auc, "kind": best.kind.value,
+               "decision_threshold": youden_threshold(labels[val], val_p),
+               "train_auc": roc_auc(labels[train], _probabilities(best, z[train])),
+               "n_train": int(len(train)), "n_val": int(len(val))}
+    return best, summary
+
+
+def overfit_classifier(z: torch.Tensor, labels: np.ndarray, cfg: ClassifierTraining
+                       ) -> tuple[LatentClassifier, dict[str, Any]]:
+    """The paper's control: wide MLP, no regularisation, tiny training subset, many epochs."""
+    train, val = stratified_split(labels, cfg.val_fraction, cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    tiny = np.sort(rng.choice(train, size=min(cfg.overfit_train_size, len(train)), replace=False))
+    config = ClassifierConfig(ClassifierKind.MLP, z.shape[1], (cfg.overfit_hidden, cfg.overfit_hidden), 0.0)
+    y = torch.from_numpy(labels.astype(np.float32))
+    model = fit(config, z[tiny], y[tiny], cfg.overfit_epochs, 1e-3, 0.0, cfg.seed)
+    summary = {"kind": "mlp", "overfit": True, "n_train": int(len(tiny)),
+               "train_auc": roc_auc(labels[tiny], _probabilities(model, z[tiny])) if labels[tiny].any()
+               and not labels[tiny].all() else None,
+               "val_auc": roc_auc(labels[val], _probabilities(model, z[val]))}
+    return model, summary
+
+
+def save_classifier(out: Path, model: LatentClassifier, summary: dict[str, Any], name: str,
+                    extra: dict[str, Any]) -> None:
+    """``<name>.safetensors`` plus its configuration and metrics under ``state.json[name]``."""
+    state_path = out / "state.json"
+    import json
+
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"kind": "classifier"}
+    state.update(extra)
+    state[name] = {"config": model.config.to_dict(), **summary}
+    save_checkpoint(out, {name: model}, state)
