@@ -1,0 +1,1 @@
+"""Benchmarks run with ``python -m benchmarks.<name>`` (``make bench-ingest``); not part of the test suite."""
