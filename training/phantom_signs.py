@@ -1,0 +1,162 @@
+"""Heart-failure signs, their severities and the synthetic BNP.
+
+Severities come from one latent "heart-failure burden" per patient, so the
+signs are correlated the way they are in real patients (a big heart often
+comes with effusions and congested vessels). BNP is then a noisy function of
+the severities, dominated by cardiomegaly and effusion because those are the
+signs still visible at the demo model's 64x64 pixels:
+
+    log10(BNP) = 1.52 + 1.05 c + 0.85 e + 0.25 v + 0.25 d + N(0, 0.27)
+
+(c, e, v, d = cardiomegaly, effusion, venous diversion, edema severities in
+[0, 1]). The label is BNP >= 100 ng/L, as in Seah et al. 2018.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from training.phantom_anatomy import F32, Anatomy, Grid, Lung, Side, line_profile, soft
+
+SIGNS = ("cardiomegaly", "effusion", "venous_diversion", "edema")
+BNP_THRESHOLD = 100.0  # ng/L
+BNP_INTERCEPT = 1.52
+BNP_WEIGHTS = {"cardiomegaly": 1.05, "effusion": 0.85, "venous_diversion": 0.25, "edema": 0.25}
+BNP_NOISE_SD = 0.27
+# sign raw value = load * burden + spread * own noise - offset; severity = clip(raw / scale, 0, 1)
+_SIGN_MODEL = {
+    "cardiomegaly": (0.85, 0.55, -0.15, 1.3),
+    "effusion": (0.80, 0.55, 0.30, 1.2),
+    "venous_diversion": (0.70, 0.65, 0.25, 1.3),
+    "edema": (0.80, 0.55, 0.60, 1.1),
+}
+_MIN_SEVERITY = 0.05  # below this a sign is absent: keeps every present sign visible at small sizes
+
+
+@dataclass(frozen=True)
+class SignState:
+    """What a phantom has: severities per sign, which sides effuse, the drawn CTR and BNP."""
+
+    severities: dict[str, float]
+    effusion_sides: tuple[float, float]  # severity on image left (patient right), image right
+    ctr: float
+    bnp: float
+
+    def __post_init__(self) -> None:
+        if set(self.severities) != set(SIGNS):
+            raise ValueError(f"severities must name exactly {SIGNS}, got {sorted(self.severities)}")
+        for name, value in self.severities.items():
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"severity of {name} must be in [0, 1], got {value}")
+
+
+def noise_free_log_bnp(severities: dict[str, float]) -> float:
+    """The part of log10(BNP) a perfect reader of the severities could know (no noise term)."""
+    return BNP_INTERCEPT + sum(BNP_WEIGHTS[name] * severities[name] for name in SIGNS)
+
+
+def draw_signs(rng: np.random.Generator) -> SignState:
+    """Draw the latent burden, the correlated severities, the CTR and a noisy BNP."""
+    burden = rng.standard_normal()
+    severities = {}
+    for name in SIGNS:
+        load, spread, offset, scale = _SIGN_MODEL[name]
+        raw = (load * burden + spread * rng.standard_normal() - offset) / scale
+        severities[name] = float(np.clip(raw, 0.0, 1.0)) if raw >= _MIN_SEVERITY else 0.0
+    cardio = severities["cardiomegaly"]
+    ctr = 0.50 + 0.15 * cardio if cardio > 0 else float(np.clip(0.44 + 0.03 * rng.standard_normal(), 0.38, 0.485))
+    effusion = severities["effusion"]
+    which = rng.random()
+    other = effusion * rng.uniform(0.4, 1.0)
+    if which < 0.45:  # bilateral
+        sides = (effusion, other) if rng.random() < 0.5 else (other, effusion)
+    else:  # unilateral, more often the patient's right
+        sides = (effusion, 0.0) if which < 0.8 else (0.0, effusion)
+    log_bnp = noise_free_log_bnp(severities) + BNP_NOISE_SD * rng.standard_normal()
+    return SignState(severities=severities, effusion_sides=sides, ctr=ctr, bnp=float(10.0 ** log_bnp))
+
+
+def effusion_fluid(grid: Grid, side: Side, lung: Lung, severity: float) -> np.ndarray:
+    """Soft fluid fraction: fills the costophrenic angle under a meniscus that climbs the chest wall."""
+    if severity <= 0:
+        return np.zeros_like(grid.u)
+    lateral_height = 0.06 + 0.42 * severity
+    medial_height = 0.45 * lateral_height - 0.07
+    span = np.maximum(lung.lateral_border - lung.medial_border, F32(0.05))
+    rel = np.clip((lung.lateral - lung.medial_border) / span, 0.0, 1.0)
+    surface = F32(side.cp_v - medial_height) - F32(lateral_height - medial_height) * rel * rel * rel
+    return lung.field * soft(grid.v - surface, grid.edge(0.03))
+
+
+def kerley_lines(grid: Grid, side: Side, lung: Lung, severity: float, seed: int) -> np.ndarray:
+    """Kerley B lines: short horizontal septal lines running in from the pleura at the lateral bases."""
+    rng = np.random.default_rng([seed, 7, side.sign + 1])
+    spacing = 0.035
+    lengths = rng.uniform(0.03, 0.09, 64).astype(F32)
+    jitter = rng.uniform(-0.25, 0.25, 64).astype(F32) * F32(spacing)
+    present = (rng.random(64) < 0.35 + 0.6 * severity).astype(F32)
+    q = (F32(side.cp_v) - grid.v) * F32(1.0 / spacing)
+    index = np.clip(np.floor(q), 0, 63).astype(np.intp)
+    offset = (q - index - F32(0.5)) * F32(spacing) - jitter[index]
+    line = line_profile(offset, 0.0022, grid.px) * present[index]
+    line *= soft(lengths[index] - lung.to_lateral, grid.edge(0.01))
+    zone = soft(q, 0.5) * soft(F32(0.38 / spacing) - q, 2.0)
+    return line * zone * lung.field
+
+
+def edema_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
+    """Where edema shows: the lateral bases (Kerley lines) and the perihilar lung (haze)."""
+    in_lung = lung.field > 0.5
+    bases = (lung.to_lateral < 0.12) & (grid.v > side.cp_v - 0.40)
+    return in_lung & (bases | (_hilar_distance(grid, side) < 1.0))
+
+
+def _hilar_distance(grid: Grid, side: Side) -> np.ndarray:
+    du = (grid.u - F32(side.hilum[0])) * F32(1.0 / 0.30)
+    dv = (grid.v - F32(side.hilum[1])) * F32(1.0 / 0.34)
+    return np.sqrt(np.square(du) + np.square(dv))
+
+
+def perihilar_haze(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
+    """Bat-wing haze of alveolar/interstitial fluid, densest at the hilum."""
+    return np.exp(-np.square(_hilar_distance(grid, side)) * F32(1.6)) * lung.field
+
+
+def upper_zone_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
+    """Upper zones: lung above a line a little over the hilum (where diverted veins show)."""
+    return (lung.field > 0.5) & (grid.v < side.hilum[1] - 0.08)
+
+
+def vessels(grid: Grid, anatomy: Anatomy, side: Side, diversion: float) -> np.ndarray:
+    """Pulmonary vessels fanning out of the hilum; venous diversion widens and brightens the upper ones.
+
+    Each pixel looks at the nearest vessel of each generation by angle (a lookup
+    table), so the cost does not grow with the number of vessels.
+    """
+    table = anatomy.vessels[0 if side.sign < 0 else 1]
+    bins = 1024
+    centres = (np.arange(bins) + 0.5) * (2 * math.pi / bins) - math.pi
+    out = np.zeros_like(grid.u)
+    for generation in np.unique(table[:, 7]):
+        # later generations fan out of points further out, so the tree does not look like a starburst
+        du = (grid.u - F32(side.hilum[0])) * F32(side.sign) - F32(0.05 * generation)
+        dv = grid.v - F32(side.hilum[1])
+        r = np.sqrt(np.square(du) + np.square(dv))
+        phi = np.arctan2(dv, du)
+        slot = np.clip(((phi + F32(math.pi)) * F32(bins / (2 * math.pi))).astype(np.intp), 0, bins - 1)
+        angle, length, width, start, amp, freq, phase = (table[table[:, 7] == generation, i] for i in range(7))
+        upper = angle < -0.55
+        gain = np.where(upper, 0.7 + 1.1 * diversion, 1.0).astype(F32)
+        width = width * np.where(upper, 0.85 + 0.55 * diversion, 1.0).astype(F32)
+        nearest = np.abs(centres[:, None] - angle[None, :]).argmin(axis=1)[slot]
+        wiggle = amp[nearest] * np.sin(freq[nearest] * r + phase[nearest]) * np.clip(r * F32(4.0), 0.0, 1.0)
+        offset = r * (phi - angle[nearest] - wiggle)
+        taper = np.clip(F32(1.0) - r / length[nearest], 0.0, 1.0) * soft(r - start[nearest], 0.03)
+        half = width[nearest] * np.sqrt(taper)
+        eff = np.maximum(half, F32(0.75 * grid.px))
+        thickness = np.sqrt(np.clip(F32(1.0) - np.square(offset / eff), 0.0, 1.0)) * (np.square(half) / eff)
+        out += thickness * gain[nearest] * F32(1.0 / 0.011)
+    return out

@@ -1,0 +1,361 @@
+"""Synthetic chest radiograph phantoms with heart-failure signs, masks and a BNP.
+
+No chest radiographs can be downloaded where this project is built and
+tested, so the demo model, the tests and the rationale benchmark run on
+these phantoms: a frontal (PA) chest with random normal anatomy
+(:mod:`training.phantom_anatomy`), zero or more heart-failure signs with a
+severity and a pixel mask each, and a synthetic BNP that depends on the
+signs (:mod:`training.phantom_signs`). A rationale for a positive phantom
+should fall on its masks.
+
+A phantom is a pure function of its seed: the same seed gives the same
+patient at any size (only the pixel noise differs), so a model trained on
+64-pixel phantoms can be checked against the 1024-pixel DICOM of the same
+seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from training.phantom_anatomy import (
+    F32,
+    Anatomy,
+    Grid,
+    body_thickness,
+    breasts,
+    clavicles,
+    diaphragm_v,
+    draw_anatomy,
+    heart_field,
+    lung_depth,
+    lung_field,
+    parenchyma,
+    ribs,
+    sample_texture,
+    soft,
+    spine,
+)
+from training.phantom_signs import (
+    BNP_THRESHOLD,
+    SIGNS,
+    SignState,
+    draw_signs,
+    edema_mask,
+    effusion_fluid,
+    kerley_lines,
+    perihilar_haze,
+    upper_zone_mask,
+    vessels,
+)
+
+__all__ = ["SIGNS", "Demographics", "Phantom", "anatomy_masks", "demographics", "make_phantom", "write_phantoms"]
+
+logger = logging.getLogger(__name__)
+
+# Independent random streams per aspect, so changing how anatomy is drawn never changes a phantom's BNP.
+_SIGNS_STREAM, _ANATOMY_STREAM, _EXPOSURE_STREAM, _PATIENT_STREAM, _NOISE_STREAM = 1, 2, 3, 4, 5
+CSV_COLUMNS = ("path", "bnp", "label", *SIGNS, "ctr", *(f"mask_{name}" for name in SIGNS))
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """One synthetic frontal chest radiograph.
+
+    ``image`` is float32 in [0, 1], MONOCHROME2 (bright = more attenuation);
+    ``masks`` holds a boolean mask per sign in :data:`SIGNS`, all False
+    exactly when the sign's severity is 0.
+    """
+
+    image: np.ndarray
+    masks: dict[str, np.ndarray]
+    severities: dict[str, float]
+    ctr: float
+    bnp: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if self.image.ndim != 2 or self.image.dtype != np.float32:
+            raise ValueError(f"image must be a 2-D float32 array, got {self.image.dtype} {self.image.shape}")
+        if set(self.masks) != set(SIGNS) or set(self.severities) != set(SIGNS):
+            raise ValueError(f"masks and severities must name exactly {SIGNS}")
+        for name, mask in self.masks.items():
+            if mask.shape != self.image.shape or mask.dtype != np.bool_:
+                raise ValueError(f"mask {name} must be bool {self.image.shape}, got {mask.dtype} {mask.shape}")
+        if self.bnp <= 0:
+            raise ValueError(f"bnp must be positive (ng/L), got {self.bnp}")
+
+    @property
+    def label(self) -> bool:
+        """Heart failure as the paper defines it: BNP >= 100 ng/L."""
+        return self.bnp >= BNP_THRESHOLD
+
+    @property
+    def size(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass(frozen=True)
+class Demographics:
+    """The synthetic patient behind a seed (the DICOM writer uses the same one)."""
+
+    sex: Literal["F", "M"]
+    age: int
+
+
+def demographics(seed: int) -> Demographics:
+    """Sex and age of the phantom patient; females get breast shadows more often than not."""
+    rng = _rng(seed, _PATIENT_STREAM)
+    sex: Literal["F", "M"] = "F" if rng.random() < 0.5 else "M"
+    return Demographics(sex=sex, age=int(rng.integers(35, 91)))
+
+
+@dataclass(frozen=True)
+class _Exposure:
+    rotation: float
+    shift: tuple[float, float]
+    scale: float
+    low: float
+    high: float
+    gamma: float
+    noise: float
+    tilt: tuple[float, float] = field(default=(0.0, 0.0))
+
+
+def _rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
+    return np.random.default_rng([seed, stream, *extra])
+
+
+def _draw_exposure(seed: int) -> _Exposure:
+    rng = _rng(seed, _EXPOSURE_STREAM)
+    return _Exposure(
+        rotation=math.radians(rng.uniform(-3.0, 3.0)),
+        shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.03, 0.05)),
+        scale=rng.uniform(0.92, 1.05),
+        low=rng.uniform(0.05, 0.15), high=rng.uniform(1.25, 1.45), gamma=rng.uniform(0.8, 1.25),
+        noise=rng.uniform(0.006, 0.02), tilt=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
+    )
+
+
+def _check(seed: int, size: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 8192:
+        raise ValueError(f"size must be an integer between 16 and 8192 pixels, got {size!r}")
+
+
+def _setup(seed: int, size: int) -> tuple[Grid, Anatomy, SignState, _Exposure]:
+    _check(seed, size)
+    state = draw_signs(_rng(seed, _SIGNS_STREAM))
+    anatomy = draw_anatomy(_rng(seed, _ANATOMY_STREAM), female=demographics(seed).sex == "F")
+    exposure = _draw_exposure(seed)
+    grid = Grid.build(int(size), exposure.rotation, exposure.shift, exposure.scale)
+    return grid, anatomy, state, exposure
+
+
+def _mediastinum(grid: Grid, anatomy: Anatomy, heart: np.ndarray) -> np.ndarray:
+    """Heart, trachea, hila and the gastric bubble: the central densities and lucencies."""
+    out = heart * F32(0.03)
+    carina = F32(anatomy.right.hilum[1] - 0.12)
+    trachea = soft(F32(0.032) - np.abs(grid.u + F32(0.012) + F32(0.03) * np.clip(grid.v - carina, 0.0, 1.0)),
+                   grid.edge(0.01))
+    out -= trachea * soft(carina - grid.v, grid.edge(0.03)) * F32(0.10)
+    for side in anatomy.sides():
+        du = (grid.u - F32(side.hilum[0])) * F32(1.0 / 0.07)
+        dv = (grid.v - F32(side.hilum[1])) * F32(1.0 / 0.11)
+        out += np.exp(-(np.square(du) + np.square(dv))) * F32(0.10)
+    left = anatomy.left
+    bubble_u, bubble_v = left.width * 0.45, left.dome_v + 0.10
+    r = np.sqrt(np.square((grid.u - F32(bubble_u)) * F32(1.0 / 0.09)) +
+                np.square((grid.v - F32(bubble_v)) * F32(1.0 / 0.05)))
+    below = soft(grid.v - diaphragm_v(left, np.abs(grid.u)) - F32(0.015), grid.edge(0.01))
+    out -= soft(F32(1.0) - r, grid.edge(0.01) / 0.06) * below * F32(0.18)
+    return out
+
+
+def _hemithorax(grid: Grid, anatomy: Anatomy, state: SignState, heart: np.ndarray, seed: int
+                ) -> Iterator[tuple[tuple[slice, slice], np.ndarray, dict[str, np.ndarray]]]:
+    """Per side: the window, the attenuation it adds and the sign masks inside it."""
+    severity = state.severities
+    texture = parenchyma(_rng(seed, _ANATOMY_STREAM, 1))
+    for index, side in enumerate(anatomy.sides()):
+        u_range = sorted((0.0, side.sign * (side.width + 0.12)))
+        sub, window = grid.crop(u_range[0], u_range[1], side.apex_v - 0.15, side.cp_v + 0.15)
+        lung = lung_field(sub, side, anatomy)
+        behind_heart = F32(1.0) - heart[window] * F32(0.93)
+        fluid = effusion_fluid(sub, side, lung, state.effusion_sides[index])
+        air = lung_depth(lung) * behind_heart * (F32(1.0) - fluid)
+        vessel = vessels(sub, anatomy, side, severity["venous_diversion"]) * lung.field
+        vessel *= (F32(1.0) - F32(0.6) * heart[window]) * (F32(1.0) - fluid)
+        mottle = sample_texture(texture, sub) * lung.field * F32(0.025)
+        added = ribs(sub, anatomy, side) - air * F32(0.55) + vessel * F32(0.10) + fluid * F32(0.05) + mottle
+        if severity["edema"] > 0:
+            haze = perihilar_haze(sub, side, lung) * F32(0.06 + 0.10 * severity["edema"])
+            lines = kerley_lines(sub, side, lung, severity["edema"], seed) * F32(0.05 + 0.07 * severity["edema"])
+            added += (haze + lines) * (F32(1.0) - fluid)
+        masks = {
+            "effusion": fluid > 0.5,
+            "venous_diversion": upper_zone_mask(sub, side, lung),
+            "edema": edema_mask(sub, side, lung),
+        }
+        yield window, added, masks
+
+
+def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], SignState]:
+    grid, anatomy, state, exposure = _setup(seed, size)
+    heart = heart_field(grid, anatomy, state.ctr)
+    attenuation = body_thickness(grid, anatomy) + spine(grid, anatomy) + clavicles(grid, anatomy)
+    attenuation += breasts(grid, anatomy) + _mediastinum(grid, anatomy, heart)
+    masks = {name: np.zeros((size, size), dtype=bool) for name in SIGNS}
+    for window, added, side_masks in _hemithorax(grid, anatomy, state, heart, seed):
+        attenuation[window] += added
+        for name, mask in side_masks.items():
+            if state.severities[name] > 0:
+                masks[name][window] |= mask
+    if state.severities["cardiomegaly"] > 0:
+        lateral = np.abs(grid.u)
+        dome = np.where(grid.u < 0, diaphragm_v(anatomy.right, lateral), diaphragm_v(anatomy.left, lateral))
+        masks["cardiomegaly"] = (heart > 0.5) & (grid.v < dome + F32(0.01))
+    return _display(attenuation, grid, exposure, seed), masks, state
+
+
+def _display(attenuation: np.ndarray, grid: Grid, exposure: _Exposure, seed: int) -> np.ndarray:
+    """Attenuation to display values: window, tone curve, heel-effect tilt and quantum noise."""
+    tilt = F32(exposure.tilt[0]) * grid.u + F32(exposure.tilt[1]) * grid.v
+    value = (attenuation + tilt - F32(exposure.low)) * F32(1.0 / (exposure.high - exposure.low))
+    value = np.clip(value, 0.0, 1.0) ** F32(exposure.gamma)
+    noise = _rng(seed, _NOISE_STREAM, grid.size).standard_normal(value.shape, dtype=F32)
+    value += noise * F32(exposure.noise) * (F32(0.5) + value)
+    return np.clip(value, 0.0, 1.0).astype(F32)
+
+
+def make_phantom(seed: int, size: int = 1024) -> Phantom:
+    """Draw phantom number ``seed`` at ``size`` x ``size`` pixels.
+
+    Parameters
+    ----------
+    seed:
+        Non-negative integer; the whole phantom (anatomy, signs, BNP, pose)
+        follows from it.
+    size:
+        Pixels per side (16 to 8192). The same seed gives the same patient at
+        every size.
+
+    Raises
+    ------
+    ValueError
+        If ``seed`` is negative or ``size`` is out of range.
+    """
+    image, masks, state = _render(seed, size)
+    return Phantom(image=image, masks=masks, severities=dict(state.severities), ctr=state.ctr,
+                   bnp=state.bnp, seed=int(seed))
+
+
+def anatomy_masks(seed: int, size: int = 1024) -> dict[str, np.ndarray]:
+    """Boolean ``heart`` and ``lungs`` masks of phantom ``seed``, present even in a normal phantom.
+
+    For measuring: the cardiothoracic ratio is the heart's widest extent over
+    the lungs' widest extent (rib to rib), whether or not the heart is enlarged.
+    """
+    grid, anatomy, state, _ = _setup(seed, size)
+    lungs = np.zeros((size, size), dtype=bool)
+    for side in anatomy.sides():
+        lungs |= lung_field(grid, side, anatomy).field > 0.5
+    return {"heart": heart_field(grid, anatomy, state.ctr) > 0.5, "lungs": lungs}
+
+
+def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary name and rename, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    if array.dtype == np.bool_:
+        pixels = array.astype(np.uint8) * 255
+    else:
+        pixels = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    _write_atomic(path, lambda target: Image.fromarray(pixels, mode="L").save(target, format="PNG"))
+
+
+def _save_dicom(phantom: Phantom, path: Path) -> None:
+    from training.phantom_dicom import phantom_dataset  # pydicom only when DICOM is asked for
+
+    dataset = phantom_dataset(phantom)
+    _write_atomic(path, lambda target: dataset.save_as(target, enforce_file_format=True))
+
+
+def _csv_row(phantom: Phantom, image: str, masks: dict[str, str]) -> dict[str, str]:
+    row = {"path": image, "bnp": f"{phantom.bnp:.2f}", "label": str(int(phantom.label)), "ctr": f"{phantom.ctr:.4f}"}
+    for name in SIGNS:
+        row[name] = f"{phantom.severities[name]:.4f}"
+        row[f"mask_{name}"] = masks.get(name, "")
+    return row
+
+
+def write_phantoms(n: int, seed: int, out: Path, fmt: Literal["dicom", "png"], size: int = 1024,
+                   progress: Callable[[int], object] | None = None) -> Path:
+    """Write ``n`` phantoms (seeds ``seed`` .. ``seed + n - 1``), their sign masks and ``labels.csv``.
+
+    Images go to ``out/images`` (DICOM DX, or 8-bit PNG), one PNG mask per
+    present sign to ``out/masks``; the CSV's paths are relative to ``out``.
+    ``progress`` is called with 1 after each phantom (a progress bar's update).
+
+    Returns
+    -------
+    Path
+        The CSV (``out/labels.csv``).
+
+    Raises
+    ------
+    ValueError
+        If ``n`` < 1, ``fmt`` is not "dicom" or "png", or seed/size are invalid.
+    """
+    if fmt not in ("dicom", "png"):
+        raise ValueError(f"format must be 'dicom' or 'png', got {fmt!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    _check(seed, size)
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(n):
+        phantom = make_phantom(seed + index, size)
+        stem = f"phantom_{seed + index:06d}"
+        image = f"images/{stem}.{'dcm' if fmt == 'dicom' else 'png'}"
+        if fmt == "dicom":
+            _save_dicom(phantom, out / image)
+        else:
+            _save_png(phantom.image, out / image)
+        masks = {}
+        for name in SIGNS:
+            if phantom.severities[name] > 0:
+                masks[name] = f"masks/{stem}_{name}.png"
+                _save_png(phantom.masks[name], out / masks[name])
+        rows.append(_csv_row(phantom, image, masks))
+        if progress is not None:
+            progress(1)
+    csv_path = out / "labels.csv"
+
+    def write_csv(target: Path) -> None:
+        with target.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _write_atomic(csv_path, write_csv)
+    logger.info("wrote %d phantoms (seeds %d..%d, %s, %d px) to %s", n, seed, seed + n - 1, fmt, size, out)
+    return csv_path
