@@ -83,11 +83,11 @@ def effusion_fluid(grid: Grid, side: Side, lung: Lung, severity: float) -> np.nd
     """Soft fluid fraction: fills the costophrenic angle under a meniscus that climbs the chest wall."""
     if severity <= 0:
         return np.zeros_like(grid.u)
-    lateral_height = 0.06 + 0.42 * severity
-    medial_height = 0.45 * lateral_height - 0.07
+    lateral_height = 0.06 + 0.48 * severity
+    medial_height = 0.75 * lateral_height - 0.11
     span = np.maximum(lung.lateral_border - lung.medial_border, F32(0.05))
     rel = np.clip((lung.lateral - lung.medial_border) / span, 0.0, 1.0)
-    surface = F32(side.cp_v - medial_height) - F32(lateral_height - medial_height) * rel * rel * rel
+    surface = F32(side.cp_v - medial_height) - F32(lateral_height - medial_height) * rel * rel
     return lung.field * soft(grid.v - surface, grid.edge(0.03))
 
 
