@@ -35,7 +35,7 @@ class Grid:
     pose: tuple[float, float, float, float]  # rotation (rad), shift x, shift y, scale
 
     @classmethod
-    def build(cls, size: int, rotation: float, shift: tuple[float, float], scale: float) -> "Grid":
+    def build(cls, size: int, rotation: float, shift: tuple[float, float], scale: float) -> Grid:
         """Map the detector grid into the patient's frame: rotate by ``rotation`` rad, shift, zoom."""
         if size < 16:
             raise ValueError(f"phantom size must be at least 16 pixels, got {size}")
@@ -45,10 +45,15 @@ class Grid:
         cos, sin = F32(math.cos(rotation) / scale), F32(math.sin(rotation) / scale)
         u = cos * x + sin * y
         v = cos * y - sin * x
-        return cls(u=u.astype(F32), v=v.astype(F32), px=2.0 / size / scale, size=size,
-                   pose=(rotation, shift[0], shift[1], scale))
+        return cls(
+            u=u.astype(F32),
+            v=v.astype(F32),
+            px=2.0 / size / scale,
+            size=size,
+            pose=(rotation, shift[0], shift[1], scale),
+        )
 
-    def crop(self, u0: float, u1: float, v0: float, v1: float) -> tuple["Grid", tuple[slice, slice]]:
+    def crop(self, u0: float, u1: float, v0: float, v1: float) -> tuple[Grid, tuple[slice, slice]]:
         """The sub-grid of pixels that can see the anatomy box [u0, u1] x [v0, v1] (saves work on small parts)."""
         rotation, sx, sy, scale = self.pose
         cos, sin = math.cos(rotation) * scale, math.sin(rotation) * scale
@@ -56,8 +61,8 @@ class Grid:
         xs, ys = [c[0] for c in corners], [c[1] for c in corners]
 
         def to_slice(lo: float, hi: float) -> slice:
-            first = max(0, int(math.floor((lo + 1.0) * self.size / 2.0)) - 1)
-            return slice(first, max(first, min(self.size, int(math.ceil((hi + 1.0) * self.size / 2.0)) + 1)))
+            first = max(0, math.floor((lo + 1.0) * self.size / 2.0) - 1)
+            return slice(first, max(first, min(self.size, math.ceil((hi + 1.0) * self.size / 2.0) + 1)))
 
         window = (to_slice(min(ys), max(ys)), to_slice(min(xs), max(xs)))
         return Grid(u=self.u[window], v=self.v[window], px=self.px, size=self.size, pose=self.pose), window
@@ -69,7 +74,7 @@ class Grid:
 
 def soft(distance: np.ndarray, width: float) -> np.ndarray:
     """0 outside, 1 inside, a linear ramp ``width`` wide centred on the border (distance 0)."""
-    return np.clip(distance * F32(1.0 / width) + F32(0.5), 0.0, 1.0)
+    return np.asarray(np.clip(distance * F32(1.0 / width) + F32(0.5), 0.0, 1.0), dtype=F32)
 
 
 def line_profile(distance: np.ndarray, half_width: float, px: float) -> np.ndarray:
@@ -131,19 +136,32 @@ def draw_anatomy(rng: np.random.Generator, female: bool) -> Anatomy:
     for sign, lower, hil_v in ((-1, 0.0, -0.10), (1, rng.uniform(0.02, 0.06), -0.15)):
         width = half * rng.uniform(0.96, 1.04)
         cp = cp_v + lower
-        sides.append(Side(
-            sign=sign, width=width, apex_v=apex_v + 0.5 * lower, apex_u=sign * width * rng.uniform(0.40, 0.48),
-            cp_v=cp, dome_v=cp - dome_rise * rng.uniform(0.9, 1.1), dome_u=sign * width * rng.uniform(0.45, 0.55),
-            hilum=(sign * rng.uniform(0.17, 0.21), hil_v + rng.uniform(-0.03, 0.03)),
-        ))
+        sides.append(
+            Side(
+                sign=sign,
+                width=width,
+                apex_v=apex_v + 0.5 * lower,
+                apex_u=sign * width * rng.uniform(0.40, 0.48),
+                cp_v=cp,
+                dome_v=cp - dome_rise * rng.uniform(0.9, 1.1),
+                dome_u=sign * width * rng.uniform(0.45, 0.55),
+                hilum=(sign * rng.uniform(0.17, 0.21), hil_v + rng.uniform(-0.03, 0.03)),
+            )
+        )
     return Anatomy(
-        right=sides[0], left=sides[1],
-        mediastinum=rng.uniform(0.075, 0.095), knob=rng.uniform(0.03, 0.06),
-        heart_tilt=rng.uniform(0.8, 1.3), heart_aspect=rng.uniform(0.5, 1.0),
+        right=sides[0],
+        left=sides[1],
+        mediastinum=rng.uniform(0.075, 0.095),
+        knob=rng.uniform(0.03, 0.06),
+        heart_tilt=rng.uniform(0.8, 1.3),
+        heart_aspect=rng.uniform(0.5, 1.0),
         heart_offset=rng.uniform(0.28, 0.36),
-        body_width=rng.uniform(0.90, 1.0), shoulder_v=rng.uniform(-1.12, -1.02),
-        rib_spacing=rng.uniform(0.125, 0.145), rib_jitter=tuple(rng.uniform(-0.012, 0.012, 13)),
-        clavicle_v=apex_v + rng.uniform(0.07, 0.13), breasts=rng.uniform(0.10, 0.2) if female and rng.random() < 0.7 else 0.0,
+        body_width=rng.uniform(0.90, 1.0),
+        shoulder_v=rng.uniform(-1.3, -1.12),
+        rib_spacing=rng.uniform(0.125, 0.145),
+        rib_jitter=tuple(rng.uniform(-0.012, 0.012, 13)),
+        clavicle_v=apex_v + rng.uniform(0.07, 0.13),
+        breasts=rng.uniform(0.10, 0.2) if female and rng.random() < 0.7 else 0.0,
         vessels=(_draw_vessels(rng), _draw_vessels(rng)),
     )
 
@@ -151,14 +169,28 @@ def draw_anatomy(rng: np.random.Generator, female: bool) -> Anatomy:
 def _draw_vessels(rng: np.random.Generator) -> np.ndarray:
     """Three generations of vessels out of a hilum: rows (angle, length, width, start, amp, freq, phase, generation)."""
     rows = []
-    generations = ((7, (0.30, 0.42), 0.017, 0.0), (20, (0.36, 0.52), 0.010, 0.04), (48, (0.42, 0.58), 0.0055, 0.1))
+    generations = (
+        (7, (0.30, 0.42), 0.017, 0.0),
+        (20, (0.36, 0.52), 0.010, 0.04),
+        (48, (0.42, 0.58), 0.0055, 0.1),
+    )
     for generation, (count, length, width, start) in enumerate(generations):
         angle = np.sort(rng.uniform(-1.6, 1.3, count))
-        rows.append(np.stack([
-            angle, rng.uniform(*length, count), width * rng.uniform(0.7, 1.3, count),
-            start + rng.uniform(0.0, 0.06, count), rng.uniform(0.04, 0.12, count),
-            rng.uniform(5.0, 12.0, count), rng.uniform(0, 2 * math.pi, count), np.full(count, generation),
-        ], axis=1))
+        rows.append(
+            np.stack(
+                [
+                    angle,
+                    rng.uniform(*length, count),
+                    width * rng.uniform(0.7, 1.3, count),
+                    start + rng.uniform(0.0, 0.06, count),
+                    rng.uniform(0.06, 0.16, count),
+                    rng.uniform(5.0, 12.0, count),
+                    rng.uniform(0, 2 * math.pi, count),
+                    np.full(count, generation),
+                ],
+                axis=1,
+            )
+        )
     return np.concatenate(rows).astype(F32)
 
 
@@ -180,7 +212,7 @@ def heart_borders(anatomy: Anatomy, ctr: float) -> tuple[np.ndarray, np.ndarray]
     below = np.clip((_TABLE_V - base - 0.04) / 0.18, 0.0, 1.0)
     closure = np.sqrt(1.0 - below**2)
     neck = anatomy.mediastinum + 0.03
-    right = (neck + (right_max - neck) * np.sin(0.5 * math.pi * t ** anatomy.heart_tilt) ** 2) * closure
+    right = (neck + (right_max - neck) * np.sin(0.5 * math.pi * t**anatomy.heart_tilt) ** 2) * closure
     left = (neck + (left_max - neck) * np.sin(0.5 * math.pi * t) ** anatomy.heart_aspect) * closure
     inside = _TABLE_V >= top
     return np.where(inside, right, 0.0).astype(F32), np.where(inside, left, 0.0).astype(F32)
@@ -189,7 +221,9 @@ def heart_borders(anatomy: Anatomy, ctr: float) -> tuple[np.ndarray, np.ndarray]
 def heart_field(grid: Grid, anatomy: Anatomy, ctr: float) -> np.ndarray:
     """Soft heart silhouette (1 inside)."""
     right, left = heart_borders(anatomy, ctr)
-    inside = np.minimum(np.interp(grid.v, _TABLE_V, right) + grid.u, np.interp(grid.v, _TABLE_V, left) - grid.u)
+    inside = np.minimum(
+        np.interp(grid.v, _TABLE_V, right) + grid.u, np.interp(grid.v, _TABLE_V, left) - grid.u
+    )
     return soft(inside.astype(F32), grid.edge(0.006))
 
 
@@ -198,7 +232,7 @@ def diaphragm_v(side: Side, lateral: np.ndarray) -> np.ndarray:
     peak = abs(side.dome_u)
     outer = np.square((lateral - F32(peak)) * F32(1.0 / (side.width - peak))) * F32(side.cp_v - side.dome_v)
     inner = np.square((F32(peak) - lateral) * F32(1.0 / peak)) * F32(0.07)
-    return F32(side.dome_v) + np.where(lateral > peak, outer, inner)
+    return np.asarray(F32(side.dome_v) + np.where(lateral > peak, outer, inner), dtype=F32)
 
 
 def lung_borders(side: Side, anatomy: Anatomy) -> tuple[np.ndarray, np.ndarray]:
@@ -238,14 +272,19 @@ def lung_field(grid: Grid, side: Side, anatomy: Anatomy) -> Lung:
     to_lateral = lat_border - lateral
     inside = np.minimum(np.minimum(to_lateral, lateral - med_border), diaphragm_v(side, lateral) - grid.v)
     inside = np.minimum(inside, (grid.v - F32(side.apex_v)) * F32(0.6))
-    return Lung(field=soft(inside, grid.edge(0.008)), to_lateral=to_lateral, lateral=lateral,
-                medial_border=med_border, lateral_border=lat_border)
+    return Lung(
+        field=soft(inside, grid.edge(0.008)),
+        to_lateral=to_lateral,
+        lateral=lateral,
+        medial_border=med_border,
+        lateral_border=lat_border,
+    )
 
 
 def lung_depth(lung: Lung) -> np.ndarray:
     """Air thickness inside a lung: thin at the edges, full a few cm inside (why lungs darken centrally)."""
     inner = np.minimum(lung.to_lateral, lung.lateral - lung.medial_border)
-    return lung.field * np.sqrt(np.clip(inner * F32(1.0 / 0.16), 0.05, 1.0))
+    return np.asarray(lung.field * np.sqrt(np.clip(inner * F32(1.0 / 0.16), 0.05, 1.0)), dtype=F32)
 
 
 def body_thickness(grid: Grid, anatomy: Anatomy) -> np.ndarray:
@@ -255,7 +294,9 @@ def body_thickness(grid: Grid, anatomy: Anatomy) -> np.ndarray:
     half_w = np.interp(grid.v, _TABLE_V, half).astype(F32)
     rel = np.abs(grid.u) / half_w
     inside = soft((F32(1.0) - rel) * half_w, grid.edge(0.012))
-    return (np.sqrt(np.clip(F32(1.0) - np.square(rel), 0.0, 1.0)) * F32(0.75) + F32(0.25)) * inside
+    return np.asarray(
+        (np.sqrt(np.clip(F32(1.0) - np.square(rel), 0.0, 1.0)) * F32(0.75) + F32(0.25)) * inside, dtype=F32
+    )
 
 
 def _rib_band(t: np.ndarray, levels: np.ndarray, thickness: float, px: float) -> np.ndarray:
@@ -273,29 +314,38 @@ def ribs(grid: Grid, anatomy: Anatomy, side: Side) -> np.ndarray:
     lateral = grid.u * F32(side.sign)
     width = F32(side.width)
     start = side.apex_v - 0.06
-    levels = (start + anatomy.rib_spacing * np.arange(13) * (1 + 0.035 * np.arange(13))
-              + np.asarray(anatomy.rib_jitter)).astype(F32)
+    levels = (
+        start
+        + anatomy.rib_spacing * np.arange(13) * (1 + 0.035 * np.arange(13))
+        + np.asarray(anatomy.rib_jitter)
+    ).astype(F32)
     rel = lateral * F32(1.0 / side.width)
     posterior_t = grid.v - F32(0.09) * np.square(rel - F32(0.3)) - F32(0.10) * np.square(np.square(rel))
     posterior = _rib_band(posterior_t, levels, 0.022, grid.px)
-    posterior *= soft(lateral - F32(0.09), grid.edge(0.03)) * soft(width + F32(0.04) - lateral, grid.edge(0.04))
+    posterior *= soft(lateral - F32(0.09), grid.edge(0.03)) * soft(
+        width + F32(0.05) - lateral, grid.edge(0.09)
+    )
     end_v = F32(0.09 * 0.49 + 0.10)  # the posterior curve's drop at the lateral border (rel = 1)
     anterior_t = grid.v - end_v - F32(0.62) * (width - lateral) + F32(0.35) * np.square(width - lateral)
     anterior = _rib_band(anterior_t, levels - F32(0.02), 0.03, grid.px)
-    anterior *= soft(lateral - F32(0.25), grid.edge(0.08)) * soft(width + F32(0.02) - lateral, grid.edge(0.04))
+    anterior *= soft(lateral - F32(0.25), grid.edge(0.08)) * soft(
+        width + F32(0.02) - lateral, grid.edge(0.04)
+    )
     anterior *= soft(F32(levels[7]) - anterior_t, grid.edge(0.05))
-    below = soft(F32(side.cp_v + 0.05) - grid.v, 0.15) * F32(0.7) + F32(0.3)
+    below = soft(F32(side.cp_v + 0.02) - grid.v, 0.12) * F32(0.8) + F32(0.2)
     return (posterior * F32(0.12) + anterior * F32(0.05)) * below
 
 
 def clavicles(grid: Grid, anatomy: Anatomy) -> np.ndarray:
     """Two S-shaped bars from the sternal notch out and up to the shoulders."""
     lateral = np.abs(grid.u)
-    centre = F32(anatomy.clavicle_v) - F32(0.20) * (lateral - F32(0.1)) + F32(0.03) * np.sin(lateral * F32(7.0))
+    centre = (
+        F32(anatomy.clavicle_v) - F32(0.20) * (lateral - F32(0.1)) + F32(0.03) * np.sin(lateral * F32(7.0))
+    )
     bone = line_profile(grid.v - centre, 0.026, grid.px)
     cortex = line_profile(np.abs(grid.v - centre) - F32(0.022), 0.005, grid.px)
     extent = soft(lateral - F32(0.07), grid.edge(0.02)) * soft(F32(0.70) - lateral, grid.edge(0.06))
-    return (bone * F32(0.20) + cortex * F32(0.10)) * extent
+    return np.asarray((bone * F32(0.20) + cortex * F32(0.10)) * extent, dtype=F32)
 
 
 def spine(grid: Grid, anatomy: Anatomy) -> np.ndarray:
@@ -303,11 +353,18 @@ def spine(grid: Grid, anatomy: Anatomy) -> np.ndarray:
     period = F32(anatomy.rib_spacing * 0.95)
     phase = np.mod(grid.v * F32(1.0 / period), F32(1.0)) - F32(0.5)
     half = F32(0.07) + F32(0.01) * grid.v
-    body = line_profile(grid.u, 0.075, grid.px) * (F32(0.7) + F32(0.3) * soft(F32(0.40) - np.abs(phase), 0.08))
+    body = line_profile(grid.u, 0.075, grid.px) * (
+        F32(0.7) + F32(0.3) * soft(F32(0.40) - np.abs(phase), 0.08)
+    )
     pedicle_u = np.abs(np.abs(grid.u) - half * F32(0.72))
-    pedicle = np.clip(F32(1.0) - np.square(pedicle_u * F32(1.0 / 0.014)) - np.square((phase + F32(0.15)) * F32(5.0)),
-                      0.0, 1.0)
-    return (body * F32(0.10) + np.sqrt(pedicle) * F32(0.04)) * soft(F32(0.9) - grid.v, 0.1)
+    pedicle = np.clip(
+        F32(1.0) - np.square(pedicle_u * F32(1.0 / 0.014)) - np.square((phase + F32(0.15)) * F32(5.0)),
+        0.0,
+        1.0,
+    )
+    return np.asarray(
+        (body * F32(0.10) + np.sqrt(pedicle) * F32(0.04)) * soft(F32(0.9) - grid.v, 0.1), dtype=F32
+    )
 
 
 def breasts(grid: Grid, anatomy: Anatomy) -> np.ndarray:
@@ -329,7 +386,7 @@ def parenchyma(rng: np.random.Generator, texels: int = 144) -> np.ndarray:
     freq = np.fft.fftfreq(texels)
     kernel = np.exp(-2.0 * (math.pi * 0.9) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
     smooth = np.fft.ifft2(np.fft.fft2(noise) * kernel).real
-    return (smooth / smooth.std()).astype(F32)
+    return np.asarray((smooth / smooth.std()), dtype=F32)
 
 
 def sample_texture(texture: np.ndarray, grid: Grid, extent: float = 1.2) -> np.ndarray:
@@ -342,4 +399,4 @@ def sample_texture(texture: np.ndarray, grid: Grid, extent: float = 1.2) -> np.n
     fx, fy = x - x0, y - y0
     top = texture[y0, x0] * (F32(1.0) - fx) + texture[y0, x0 + 1] * fx
     bottom = texture[y0 + 1, x0] * (F32(1.0) - fx) + texture[y0 + 1, x0 + 1] * fx
-    return top * (F32(1.0) - fy) + bottom * fy
+    return np.asarray(top * (F32(1.0) - fy) + bottom * fy, dtype=F32)

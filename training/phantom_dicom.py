@@ -18,7 +18,7 @@ from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 from training.phantoms import Phantom, demographics
 
@@ -46,20 +46,26 @@ class Acquisition:
     birth_date: dt.date
 
     @classmethod
-    def for_seed(cls, seed: int) -> "Acquisition":
+    def for_seed(cls, seed: int) -> Acquisition:
         rng = np.random.default_rng([seed, _DICOM_STREAM])
-        when = dt.datetime(2024, 1, 1, 7, 0) + dt.timedelta(days=int(rng.integers(0, 730)),
-                                                            seconds=int(rng.integers(0, 12 * 3600)))
+        when = dt.datetime(2024, 1, 1, 7, 0) + dt.timedelta(
+            days=int(rng.integers(0, 730)), seconds=int(rng.integers(0, 12 * 3600))
+        )
         age = demographics(seed).age
         birth = when.date() - dt.timedelta(days=int(age * 365.25 + rng.integers(0, 365)))
-        return cls(monochrome1=bool(rng.random() < 0.35), view="AP" if rng.random() < 0.12 else "PA",
-                   field_of_view_mm=float(rng.uniform(350.0, 410.0)), when=when, birth_date=birth)
+        return cls(
+            monochrome1=bool(rng.random() < 0.35),
+            view="AP" if rng.random() < 0.12 else "PA",
+            field_of_view_mm=float(rng.uniform(350.0, 410.0)),
+            when=when,
+            birth_date=birth,
+        )
 
 
 def stored_pixels(image: np.ndarray, monochrome1: bool) -> np.ndarray:
     """12-bit unsigned stored values; MONOCHROME1 stores the inverse so a viewer shows the same picture."""
     values = np.rint(np.clip(image, 0.0, 1.0) * MAX_VALUE).astype(np.uint16)
-    return (MAX_VALUE - values).astype(np.uint16) if monochrome1 else values
+    return np.asarray(MAX_VALUE - values, dtype=np.uint16) if monochrome1 else values
 
 
 def _code(code: object) -> Dataset:
@@ -160,8 +166,13 @@ def phantom_dataset(phantom: Phantom, monochrome1: bool | None = None) -> Datase
         raise TypeError(f"phantom_dataset needs a training.phantoms.Phantom, got {type(phantom).__name__}")
     acq = Acquisition.for_seed(phantom.seed)
     if monochrome1 is not None:
-        acq = Acquisition(monochrome1=monochrome1, view=acq.view, field_of_view_mm=acq.field_of_view_mm,
-                          when=acq.when, birth_date=acq.birth_date)
+        acq = Acquisition(
+            monochrome1=monochrome1,
+            view=acq.view,
+            field_of_view_mm=acq.field_of_view_mm,
+            when=acq.when,
+            birth_date=acq.birth_date,
+        )
     ds = Dataset()
     # SOP Common module
     ds.SpecificCharacterSet = "ISO_IR 100"

@@ -67,7 +67,11 @@ def draw_signs(rng: np.random.Generator) -> SignState:
         raw = (load * burden + spread * rng.standard_normal() - offset) / scale
         severities[name] = float(np.clip(raw, 0.0, 1.0)) if raw >= _MIN_SEVERITY else 0.0
     cardio = severities["cardiomegaly"]
-    ctr = 0.50 + 0.15 * cardio if cardio > 0 else float(np.clip(0.44 + 0.03 * rng.standard_normal(), 0.38, 0.485))
+    ctr = (
+        0.50 + 0.15 * cardio
+        if cardio > 0
+        else float(np.clip(0.44 + 0.03 * rng.standard_normal(), 0.38, 0.485))
+    )
     effusion = severities["effusion"]
     which = rng.random()
     other = effusion * rng.uniform(0.4, 1.0)
@@ -76,7 +80,7 @@ def draw_signs(rng: np.random.Generator) -> SignState:
     else:  # unilateral, more often the patient's right
         sides = (effusion, 0.0) if which < 0.8 else (0.0, effusion)
     log_bnp = noise_free_log_bnp(severities) + BNP_NOISE_SD * rng.standard_normal()
-    return SignState(severities=severities, effusion_sides=sides, ctr=ctr, bnp=float(10.0 ** log_bnp))
+    return SignState(severities=severities, effusion_sides=sides, ctr=ctr, bnp=float(10.0**log_bnp))
 
 
 def effusion_fluid(grid: Grid, side: Side, lung: Lung, severity: float) -> np.ndarray:
@@ -88,7 +92,10 @@ def effusion_fluid(grid: Grid, side: Side, lung: Lung, severity: float) -> np.nd
     span = np.maximum(lung.lateral_border - lung.medial_border, F32(0.05))
     rel = np.clip((lung.lateral - lung.medial_border) / span, 0.0, 1.0)
     surface = F32(side.cp_v - medial_height) - F32(lateral_height - medial_height) * rel * rel
-    return lung.field * soft(grid.v - surface, grid.edge(0.03))
+    inside = (lung.lateral > lung.medial_border - F32(0.02)) & (
+        lung.lateral_border + F32(0.03) > lung.lateral
+    )
+    return soft(grid.v - surface, grid.edge(0.03)) * inside
 
 
 def kerley_lines(grid: Grid, side: Side, lung: Lung, severity: float, seed: int) -> np.ndarray:
@@ -104,7 +111,7 @@ def kerley_lines(grid: Grid, side: Side, lung: Lung, severity: float, seed: int)
     line = line_profile(offset, 0.0022, grid.px) * present[index]
     line *= soft(lengths[index] - lung.to_lateral, grid.edge(0.01))
     zone = soft(q, 0.5) * soft(F32(0.38 / spacing) - q, 2.0)
-    return line * zone * lung.field
+    return np.asarray(line * zone * lung.field, dtype=F32)
 
 
 def edema_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
@@ -117,12 +124,12 @@ def edema_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
 def _hilar_distance(grid: Grid, side: Side) -> np.ndarray:
     du = (grid.u - F32(side.hilum[0])) * F32(1.0 / 0.30)
     dv = (grid.v - F32(side.hilum[1])) * F32(1.0 / 0.34)
-    return np.sqrt(np.square(du) + np.square(dv))
+    return np.asarray(np.sqrt(np.square(du) + np.square(dv)), dtype=F32)
 
 
 def perihilar_haze(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
     """Bat-wing haze of alveolar/interstitial fluid, densest at the hilum."""
-    return np.exp(-np.square(_hilar_distance(grid, side)) * F32(1.6)) * lung.field
+    return np.asarray(np.exp(-np.square(_hilar_distance(grid, side)) * F32(1.6)) * lung.field, dtype=F32)
 
 
 def upper_zone_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
@@ -147,16 +154,18 @@ def vessels(grid: Grid, anatomy: Anatomy, side: Side, diversion: float) -> np.nd
         r = np.sqrt(np.square(du) + np.square(dv))
         phi = np.arctan2(dv, du)
         slot = np.clip(((phi + F32(math.pi)) * F32(bins / (2 * math.pi))).astype(np.intp), 0, bins - 1)
-        angle, length, width, start, amp, freq, phase = (table[table[:, 7] == generation, i] for i in range(7))
+        angle, length, width, start, amp, freq, phase = (
+            table[table[:, 7] == generation, i] for i in range(7)
+        )
         upper = angle < -0.55
-        gain = np.where(upper, 0.7 + 1.1 * diversion, 1.0).astype(F32)
-        width = width * np.where(upper, 0.85 + 0.55 * diversion, 1.0).astype(F32)
+        gain = np.where(upper, 0.65 + 0.75 * diversion, 1.0).astype(F32)
+        width = width * np.where(upper, 0.8 + 0.45 * diversion, 1.0).astype(F32)
         nearest = np.abs(centres[:, None] - angle[None, :]).argmin(axis=1)[slot]
         wiggle = amp[nearest] * np.sin(freq[nearest] * r + phase[nearest]) * np.clip(r * F32(4.0), 0.0, 1.0)
         offset = r * (phi - angle[nearest] - wiggle)
         taper = np.clip(F32(1.0) - r / length[nearest], 0.0, 1.0) * soft(r - start[nearest], 0.03)
-        half = width[nearest] * np.sqrt(taper)
+        half = width[nearest] * (F32(0.25) + F32(0.75) * taper) * (taper > 0)
         eff = np.maximum(half, F32(0.75 * grid.px))
         thickness = np.sqrt(np.clip(F32(1.0) - np.square(offset / eff), 0.0, 1.0)) * (np.square(half) / eff)
-        out += thickness * gain[nearest] * F32(1.0 / 0.011)
+        out += thickness * gain[nearest] * F32((0.55 + 0.35 * generation) / 0.011)
     return out

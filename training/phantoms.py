@@ -58,7 +58,15 @@ from training.phantom_signs import (
     vessels,
 )
 
-__all__ = ["SIGNS", "Demographics", "Phantom", "anatomy_masks", "demographics", "make_phantom", "write_phantoms"]
+__all__ = [
+    "SIGNS",
+    "Demographics",
+    "Phantom",
+    "anatomy_masks",
+    "demographics",
+    "make_phantom",
+    "write_phantoms",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +98,9 @@ class Phantom:
             raise ValueError(f"masks and severities must name exactly {SIGNS}")
         for name, mask in self.masks.items():
             if mask.shape != self.image.shape or mask.dtype != np.bool_:
-                raise ValueError(f"mask {name} must be bool {self.image.shape}, got {mask.dtype} {mask.shape}")
+                raise ValueError(
+                    f"mask {name} must be bool {self.image.shape}, got {mask.dtype} {mask.shape}"
+                )
         if self.bnp <= 0:
             raise ValueError(f"bnp must be positive (ng/L), got {self.bnp}")
 
@@ -141,8 +151,11 @@ def _draw_exposure(seed: int) -> _Exposure:
         rotation=math.radians(rng.uniform(-3.0, 3.0)),
         shift=(rng.uniform(-0.04, 0.04), rng.uniform(-0.03, 0.05)),
         scale=rng.uniform(0.92, 1.05),
-        low=rng.uniform(0.05, 0.15), high=rng.uniform(1.25, 1.45), gamma=rng.uniform(0.8, 1.25),
-        noise=rng.uniform(0.006, 0.02), tilt=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
+        low=rng.uniform(0.05, 0.15),
+        high=rng.uniform(1.25, 1.45),
+        gamma=rng.uniform(0.8, 1.25),
+        noise=rng.uniform(0.006, 0.02),
+        tilt=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
     )
 
 
@@ -166,8 +179,10 @@ def _mediastinum(grid: Grid, anatomy: Anatomy, heart: np.ndarray) -> np.ndarray:
     """Heart, trachea, hila and the gastric bubble: the central densities and lucencies."""
     out = heart * F32(0.03)
     carina = F32(anatomy.right.hilum[1] - 0.12)
-    trachea = soft(F32(0.032) - np.abs(grid.u + F32(0.012) + F32(0.03) * np.clip(grid.v - carina, 0.0, 1.0)),
-                   grid.edge(0.01))
+    trachea = soft(
+        F32(0.032) - np.abs(grid.u + F32(0.012) + F32(0.03) * np.clip(grid.v - carina, 0.0, 1.0)),
+        grid.edge(0.01),
+    )
     out -= trachea * soft(carina - grid.v, grid.edge(0.03)) * F32(0.10)
     for side in anatomy.sides():
         du = (grid.u - F32(side.hilum[0])) * F32(1.0 / 0.07)
@@ -175,15 +190,18 @@ def _mediastinum(grid: Grid, anatomy: Anatomy, heart: np.ndarray) -> np.ndarray:
         out += np.exp(-(np.square(du) + np.square(dv))) * F32(0.10)
     left = anatomy.left
     bubble_u, bubble_v = left.width * 0.45, left.dome_v + 0.10
-    r = np.sqrt(np.square((grid.u - F32(bubble_u)) * F32(1.0 / 0.09)) +
-                np.square((grid.v - F32(bubble_v)) * F32(1.0 / 0.05)))
+    r = np.sqrt(
+        np.square((grid.u - F32(bubble_u)) * F32(1.0 / 0.09))
+        + np.square((grid.v - F32(bubble_v)) * F32(1.0 / 0.05))
+    )
     below = soft(grid.v - diaphragm_v(left, np.abs(grid.u)) - F32(0.015), grid.edge(0.01))
     out -= soft(F32(1.0) - r, grid.edge(0.01) / 0.06) * below * F32(0.18)
     return out
 
 
-def _hemithorax(grid: Grid, anatomy: Anatomy, state: SignState, heart: np.ndarray, seed: int
-                ) -> Iterator[tuple[tuple[slice, slice], np.ndarray, dict[str, np.ndarray]]]:
+def _hemithorax(
+    grid: Grid, anatomy: Anatomy, state: SignState, heart: np.ndarray, seed: int
+) -> Iterator[tuple[tuple[slice, slice], np.ndarray, dict[str, np.ndarray]]]:
     """Per side: the window, the attenuation it adds and the sign masks inside it."""
     severity = state.severities
     texture = parenchyma(_rng(seed, _ANATOMY_STREAM, 1))
@@ -196,14 +214,16 @@ def _hemithorax(grid: Grid, anatomy: Anatomy, state: SignState, heart: np.ndarra
         air = lung_depth(lung) * behind_heart * (F32(1.0) - fluid)
         vessel = vessels(sub, anatomy, side, severity["venous_diversion"]) * lung.field
         vessel *= (F32(1.0) - F32(0.6) * heart[window]) * (F32(1.0) - fluid)
-        mottle = sample_texture(texture, sub) * lung.field * F32(0.025)
-        added = ribs(sub, anatomy, side) - air * F32(0.55) + vessel * F32(0.10) + fluid * F32(0.05) + mottle
+        mottle = sample_texture(texture, sub) * lung.field * (F32(1.0) - fluid) * F32(0.025)
+        added = ribs(sub, anatomy, side) - air * F32(0.55) + vessel * F32(0.09) + mottle
         if severity["edema"] > 0:
             haze = perihilar_haze(sub, side, lung) * F32(0.06 + 0.10 * severity["edema"])
-            lines = kerley_lines(sub, side, lung, severity["edema"], seed) * F32(0.05 + 0.07 * severity["edema"])
+            lines = kerley_lines(sub, side, lung, severity["edema"], seed) * F32(
+                0.05 + 0.07 * severity["edema"]
+            )
             added += (haze + lines) * (F32(1.0) - fluid)
         masks = {
-            "effusion": fluid > 0.5,
+            "effusion": (fluid > 0.5) & (lung.field > 0.5),
             "venous_diversion": upper_zone_mask(sub, side, lung),
             "edema": edema_mask(sub, side, lung),
         }
@@ -234,7 +254,8 @@ def _display(attenuation: np.ndarray, grid: Grid, exposure: _Exposure, seed: int
     value = (attenuation + tilt - F32(exposure.low)) * F32(1.0 / (exposure.high - exposure.low))
     value = np.clip(value, 0.0, 1.0) ** F32(exposure.gamma)
     noise = _rng(seed, _NOISE_STREAM, grid.size).standard_normal(value.shape, dtype=F32)
-    value += noise * F32(exposure.noise) * (F32(0.5) + value)
+    # quantum noise per pixel falls as pixels grow (fewer, larger pixels collect more photons each)
+    value += noise * F32(exposure.noise * min(1.0, grid.size / 1024) ** 0.5) * (F32(0.5) + value)
     return np.clip(value, 0.0, 1.0).astype(F32)
 
 
@@ -256,8 +277,14 @@ def make_phantom(seed: int, size: int = 1024) -> Phantom:
         If ``seed`` is negative or ``size`` is out of range.
     """
     image, masks, state = _render(seed, size)
-    return Phantom(image=image, masks=masks, severities=dict(state.severities), ctr=state.ctr,
-                   bnp=state.bnp, seed=int(seed))
+    return Phantom(
+        image=image,
+        masks=masks,
+        severities=dict(state.severities),
+        ctr=state.ctr,
+        bnp=state.bnp,
+        seed=int(seed),
+    )
 
 
 def anatomy_masks(seed: int, size: int = 1024) -> dict[str, np.ndarray]:
@@ -298,15 +325,26 @@ def _save_dicom(phantom: Phantom, path: Path) -> None:
 
 
 def _csv_row(phantom: Phantom, image: str, masks: dict[str, str]) -> dict[str, str]:
-    row = {"path": image, "bnp": f"{phantom.bnp:.2f}", "label": str(int(phantom.label)), "ctr": f"{phantom.ctr:.4f}"}
+    row = {
+        "path": image,
+        "bnp": f"{phantom.bnp:.2f}",
+        "label": str(int(phantom.label)),
+        "ctr": f"{phantom.ctr:.4f}",
+    }
     for name in SIGNS:
         row[name] = f"{phantom.severities[name]:.4f}"
         row[f"mask_{name}"] = masks.get(name, "")
     return row
 
 
-def write_phantoms(n: int, seed: int, out: Path, fmt: Literal["dicom", "png"], size: int = 1024,
-                   progress: Callable[[int], object] | None = None) -> Path:
+def write_phantoms(
+    n: int,
+    seed: int,
+    out: Path,
+    fmt: Literal["dicom", "png"],
+    size: int = 1024,
+    progress: Callable[[int], object] | None = None,
+) -> Path:
     """Write ``n`` phantoms (seeds ``seed`` .. ``seed + n - 1``), their sign masks and ``labels.csv``.
 
     Images go to ``out/images`` (DICOM DX, or 8-bit PNG), one PNG mask per

@@ -17,8 +17,18 @@ from training.phantom_dicom import DX_FOR_PRESENTATION, MAX_VALUE, phantom_datas
 from training.phantoms import SIGNS, Phantom, anatomy_masks, make_phantom, write_phantoms
 
 CSV_COLUMNS = [
-    "path", "bnp", "label", "cardiomegaly", "effusion", "venous_diversion", "edema", "ctr",
-    "mask_cardiomegaly", "mask_effusion", "mask_venous_diversion", "mask_edema",
+    "path",
+    "bnp",
+    "label",
+    "cardiomegaly",
+    "effusion",
+    "venous_diversion",
+    "edema",
+    "ctr",
+    "mask_cardiomegaly",
+    "mask_effusion",
+    "mask_venous_diversion",
+    "mask_edema",
 ]
 SIZE = 128
 
@@ -34,7 +44,7 @@ def _first_seed(condition: object, limit: int = 400) -> int:
 def _widest(mask: np.ndarray) -> int:
     """Widest horizontal extent of a mask, in pixels (first to last True pixel of the widest row)."""
     widths = [np.ptp(np.flatnonzero(row)) + 1 for row in mask if row.any()]
-    return max(widths)
+    return int(max(widths))
 
 
 def _measured_ctr(heart: np.ndarray, lungs: np.ndarray) -> float:
@@ -75,7 +85,10 @@ def test_make_phantom_mirrors_lungs_dark_mediastinum_bright() -> None:
     phantom = make_phantom(0, SIZE)
     masks = anatomy_masks(0, SIZE)
     assert phantom.image[masks["lungs"]].mean() < phantom.image[masks["heart"]].mean() - 0.2
-    assert phantom.image[:, :3].mean() < phantom.image[masks["lungs"]].mean() or phantom.image[0, :3].mean() < 0.2
+    assert (
+        phantom.image[:, :3].mean() < phantom.image[masks["lungs"]].mean()
+        or phantom.image[0, :3].mean() < 0.2
+    )
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
@@ -109,7 +122,9 @@ def test_effusion_mask_sits_at_costophrenic_angle() -> None:
     lung_cols = np.flatnonzero(lungs.any(axis=0))
     rows, cols = np.nonzero(fluid)
     assert rows.mean() > lung_rows.min() + 0.6 * (lung_rows.max() - lung_rows.min())
-    lateral = np.abs(cols - 0.5 * (lung_cols.min() + lung_cols.max())) / (0.5 * (lung_cols.max() - lung_cols.min()))
+    lateral = np.abs(cols - 0.5 * (lung_cols.min() + lung_cols.max())) / (
+        0.5 * (lung_cols.max() - lung_cols.min())
+    )
     assert np.median(lateral) > 0.6
     assert (fluid & lungs).sum() > 0.8 * fluid.sum()
 
@@ -172,7 +187,9 @@ def test_phantom_dataset_seed_decides_uids_and_photometric_mix() -> None:
     datasets = [phantom_dataset(make_phantom(seed, 16)) for seed in range(40)]
     again = phantom_dataset(make_phantom(0, 16))
     assert again.SOPInstanceUID == datasets[0].SOPInstanceUID and again.StudyInstanceUID.startswith("2.25.")
-    assert len({ds.StudyInstanceUID for ds in datasets}) == 40 == len({ds.SeriesInstanceUID for ds in datasets})
+    assert (
+        len({ds.StudyInstanceUID for ds in datasets}) == 40 == len({ds.SeriesInstanceUID for ds in datasets})
+    )
     assert {ds.PhotometricInterpretation for ds in datasets} == {"MONOCHROME1", "MONOCHROME2"}
     assert {ds.ViewPosition for ds in datasets} == {"PA", "AP"}
     assert datasets[3].PatientName == "PHANTOM^0003"
@@ -188,7 +205,7 @@ def test_phantom_dicom_passes_dciodvfy_at_1024(tmp_path: Path) -> None:
     for monochrome1 in (False, True):
         path = tmp_path / f"mono{int(monochrome1)}.dcm"
         phantom_dataset(phantom, monochrome1=monochrome1).save_as(path, enforce_file_format=True)
-        result = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run([tool, str(path)], check=False, capture_output=True, text=True, timeout=60)
         report = result.stdout + result.stderr
         assert "DXImageForPresentation" in report
         assert not [line for line in report.splitlines() if line.startswith("Error")], report
@@ -231,10 +248,16 @@ def test_write_phantoms_rejects_unknown_format(tmp_path: Path) -> None:
         write_phantoms(1, 0, tmp_path, "jpeg", size=32)  # type: ignore[arg-type]
 
 
-def test_cli_phantoms_writes_csv_and_reports_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_phantoms_writes_csv_and_reports_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """gvr phantoms writes the set and prints the CSV path; a bad --n exits 2 with a message."""
-    assert phantoms_cli.main(["--n", "2", "--seed", "3", "--out", str(tmp_path), "--format", "png",
-                              "--size", "32", "--quiet"]) == 0
+    assert (
+        phantoms_cli.main(
+            ["--n", "2", "--seed", "3", "--out", str(tmp_path), "--format", "png", "--size", "32", "--quiet"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(tmp_path / "labels.csv")
     assert phantoms_cli.main(["--n", "0", "--out", str(tmp_path), "--quiet"]) == 2
     assert "n must be a positive integer" in capsys.readouterr().err
