@@ -380,23 +380,21 @@ def breasts(grid: Grid, anatomy: Anatomy) -> np.ndarray:
     return out * F32(anatomy.breasts)
 
 
-def parenchyma(rng: np.random.Generator, texels: int = 144) -> np.ndarray:
-    """Unit-variance mottling on a fixed texel grid over anatomy space (so every size sees the same texture)."""
-    noise = rng.standard_normal((texels, texels))
-    freq = np.fft.fftfreq(texels)
-    kernel = np.exp(-2.0 * (math.pi * 0.9) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
-    smooth = np.fft.ifft2(np.fft.fft2(noise) * kernel).real
-    return np.asarray((smooth / smooth.std()), dtype=F32)
-
-
-def sample_texture(texture: np.ndarray, grid: Grid, extent: float = 1.2) -> np.ndarray:
-    """Bilinear lookup of ``texture`` (covering [-extent, extent]^2 of anatomy space) at the grid's pixels."""
-    texels = texture.shape[0]
-    scale = F32((texels - 1) / (2.0 * extent))
-    x = np.clip((grid.u + F32(extent)) * scale, 0.0, texels - 1.001)
-    y = np.clip((grid.v + F32(extent)) * scale, 0.0, texels - 1.001)
-    x0, y0 = x.astype(np.intp), y.astype(np.intp)
-    fx, fy = x - x0, y - y0
-    top = texture[y0, x0] * (F32(1.0) - fx) + texture[y0, x0 + 1] * fx
-    bottom = texture[y0 + 1, x0] * (F32(1.0) - fx) + texture[y0 + 1, x0 + 1] * fx
-    return np.asarray(top * (F32(1.0) - fy) + bottom * fy, dtype=F32)
+def chest_wall(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
+    """What overlies one lung: the scapula's plate and medial border, and more soft tissue at apex and base."""
+    lateral = lung.lateral
+    top, bottom = F32(side.apex_v + 0.03), F32(side.apex_v + 0.55)
+    medial_u = F32(0.62 * side.width) + (grid.v - top) * F32(0.45 * side.width / 0.55)
+    inside_medial = lateral - medial_u
+    inside_lower = (bottom - grid.v) - (lateral - medial_u) * F32(1.4)
+    plate = soft(np.minimum(inside_medial, inside_lower), grid.edge(0.01)) * soft(
+        grid.v - top, grid.edge(0.04)
+    )
+    plate *= soft(F32(side.width + 0.06) - lateral, 0.06)
+    border = line_profile(inside_medial - F32(0.008), 0.006, grid.px) * soft(inside_lower, grid.edge(0.02))
+    border *= soft(grid.v - top, grid.edge(0.04))
+    span = F32(side.cp_v - side.hilum[1])
+    base = np.clip((grid.v - F32(side.hilum[1])) / span, 0.0, 1.0)
+    apex = np.clip((F32(side.apex_v + 0.22) - grid.v) * F32(1.0 / 0.22), 0.0, 1.0)
+    overlap = (np.square(base) * F32(0.06) + apex * F32(0.05)) * lung.field
+    return np.asarray(plate * F32(0.035) + border * F32(0.03) + overlap, dtype=F32)

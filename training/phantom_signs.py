@@ -1,4 +1,4 @@
-"""Heart-failure signs, their severities and the synthetic BNP.
+"""Heart-failure signs, their severities, the synthetic BNP, and the lung markings they change.
 
 Severities come from one latent "heart-failure burden" per patient, so the
 signs are correlated the way they are in real patients (a big heart often
@@ -169,3 +169,25 @@ def vessels(grid: Grid, anatomy: Anatomy, side: Side, diversion: float) -> np.nd
         thickness = np.sqrt(np.clip(F32(1.0) - np.square(offset / eff), 0.0, 1.0)) * (np.square(half) / eff)
         out += thickness * gain[nearest] * F32((0.55 + 0.35 * generation) / 0.011)
     return out
+
+
+def parenchyma(rng: np.random.Generator, texels: int = 144) -> np.ndarray:
+    """Unit-variance mottling on a fixed texel grid over anatomy space (so every size sees the same texture)."""
+    noise = rng.standard_normal((texels, texels))
+    freq = np.fft.fftfreq(texels)
+    kernel = np.exp(-2.0 * (math.pi * 0.9) ** 2 * (freq[:, None] ** 2 + freq[None, :] ** 2))
+    smooth = np.fft.ifft2(np.fft.fft2(noise) * kernel).real
+    return np.asarray((smooth / smooth.std()), dtype=F32)
+
+
+def sample_texture(texture: np.ndarray, grid: Grid, extent: float = 1.2) -> np.ndarray:
+    """Bilinear lookup of ``texture`` (covering [-extent, extent]^2 of anatomy space) at the grid's pixels."""
+    texels = texture.shape[0]
+    scale = F32((texels - 1) / (2.0 * extent))
+    x = np.clip((grid.u + F32(extent)) * scale, 0.0, texels - 1.001)
+    y = np.clip((grid.v + F32(extent)) * scale, 0.0, texels - 1.001)
+    x0, y0 = x.astype(np.intp), y.astype(np.intp)
+    fx, fy = x - x0, y - y0
+    top = texture[y0, x0] * (F32(1.0) - fx) + texture[y0, x0 + 1] * fx
+    bottom = texture[y0 + 1, x0] * (F32(1.0) - fx) + texture[y0 + 1, x0 + 1] * fx
+    return np.asarray(top * (F32(1.0) - fy) + bottom * fy, dtype=F32)

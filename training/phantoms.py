@@ -33,15 +33,14 @@ from training.phantom_anatomy import (
     Grid,
     body_thickness,
     breasts,
+    chest_wall,
     clavicles,
     diaphragm_v,
     draw_anatomy,
     heart_field,
     lung_depth,
     lung_field,
-    parenchyma,
     ribs,
-    sample_texture,
     soft,
     spine,
 )
@@ -53,7 +52,9 @@ from training.phantom_signs import (
     edema_mask,
     effusion_fluid,
     kerley_lines,
+    parenchyma,
     perihilar_haze,
+    sample_texture,
     upper_zone_mask,
     vessels,
 )
@@ -215,7 +216,13 @@ def _hemithorax(
         vessel = vessels(sub, anatomy, side, severity["venous_diversion"]) * lung.field
         vessel *= (F32(1.0) - F32(0.6) * heart[window]) * (F32(1.0) - fluid)
         mottle = sample_texture(texture, sub) * lung.field * (F32(1.0) - fluid) * F32(0.025)
-        added = ribs(sub, anatomy, side) - air * F32(0.55) + vessel * F32(0.09) + mottle
+        added = (
+            ribs(sub, anatomy, side)
+            + chest_wall(sub, side, lung)
+            - air * F32(0.55)
+            + vessel * F32(0.09)
+            + mottle
+        )
         if severity["edema"] > 0:
             haze = perihilar_haze(sub, side, lung) * F32(0.06 + 0.10 * severity["edema"])
             lines = kerley_lines(sub, side, lung, severity["edema"], seed) * F32(
