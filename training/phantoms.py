@@ -70,6 +70,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+Part = Callable[[Grid], np.ndarray]
 
 # Independent random streams per aspect, so changing how anatomy is drawn never changes a phantom's BNP.
 _SIGNS_STREAM, _ANATOMY_STREAM, _EXPOSURE_STREAM, _PATIENT_STREAM, _NOISE_STREAM = 1, 2, 3, 4, 5
@@ -176,28 +177,49 @@ def _setup(seed: int, size: int) -> tuple[Grid, Anatomy, SignState, _Exposure]:
     return grid, anatomy, state, exposure
 
 
-def _mediastinum(grid: Grid, anatomy: Anatomy, heart: np.ndarray) -> np.ndarray:
-    """Heart, trachea, hila and the gastric bubble: the central densities and lucencies."""
-    out = heart * F32(0.03)
-    carina = F32(anatomy.right.hilum[1] - 0.12)
-    trachea = soft(
-        F32(0.032) - np.abs(grid.u + F32(0.012) + F32(0.03) * np.clip(grid.v - carina, 0.0, 1.0)),
-        grid.edge(0.01),
-    )
-    out -= trachea * soft(carina - grid.v, grid.edge(0.03)) * F32(0.10)
-    for side in anatomy.sides():
-        du = (grid.u - F32(side.hilum[0])) * F32(1.0 / 0.07)
-        dv = (grid.v - F32(side.hilum[1])) * F32(1.0 / 0.11)
-        out += np.exp(-(np.square(du) + np.square(dv))) * F32(0.10)
-    left = anatomy.left
-    bubble_u, bubble_v = left.width * 0.45, left.dome_v + 0.10
+def _add(target: np.ndarray, grid: Grid, box: tuple[float, float, float, float], part: Part) -> None:
+    """Add ``part`` drawn only on the pixels that can see the anatomy ``box`` (u0, u1, v0, v1)."""
+    sub, window = grid.crop(*box)
+    target[window] += part(sub)
+
+
+def _trachea(grid: Grid, carina: float) -> np.ndarray:
+    bend = F32(0.03) * np.clip(grid.v - F32(carina), 0.0, 1.0)
+    tube = soft(F32(0.032) - np.abs(grid.u + F32(0.012) + bend), grid.edge(0.01))
+    return np.asarray(-tube * soft(F32(carina) - grid.v, grid.edge(0.03)) * F32(0.10), dtype=F32)
+
+
+def _hilum(grid: Grid, centre: tuple[float, float]) -> np.ndarray:
+    du = (grid.u - F32(centre[0])) * F32(1.0 / 0.07)
+    dv = (grid.v - F32(centre[1])) * F32(1.0 / 0.11)
+    return np.asarray(np.exp(-(np.square(du) + np.square(dv))) * F32(0.10), dtype=F32)
+
+
+def _gastric_bubble(grid: Grid, anatomy: Anatomy, centre: tuple[float, float]) -> np.ndarray:
     r = np.sqrt(
-        np.square((grid.u - F32(bubble_u)) * F32(1.0 / 0.09))
-        + np.square((grid.v - F32(bubble_v)) * F32(1.0 / 0.05))
+        np.square((grid.u - F32(centre[0])) * F32(1.0 / 0.09))
+        + np.square((grid.v - F32(centre[1])) * F32(1.0 / 0.05))
     )
-    below = soft(grid.v - diaphragm_v(left, np.abs(grid.u)) - F32(0.015), grid.edge(0.01))
-    out -= soft(F32(1.0) - r, grid.edge(0.01) / 0.06) * below * F32(0.18)
-    return out
+    below = soft(grid.v - diaphragm_v(anatomy.left, np.abs(grid.u)) - F32(0.015), grid.edge(0.01))
+    return np.asarray(-soft(F32(1.0) - r, grid.edge(0.01) / 0.06) * below * F32(0.18), dtype=F32)
+
+
+def _central(grid: Grid, anatomy: Anatomy, attenuation: np.ndarray) -> None:
+    """Spine, clavicles, trachea, hila, gastric bubble and breasts, each drawn only where it can be."""
+    _add(attenuation, grid, (-0.17, 0.17, -1.5, 1.5), lambda g: spine(g, anatomy))
+    clav = anatomy.clavicle_v
+    _add(attenuation, grid, (-0.8, 0.8, clav - 0.22, clav + 0.08), lambda g: clavicles(g, anatomy))
+    carina = anatomy.right.hilum[1] - 0.12
+    _add(attenuation, grid, (-0.12, 0.12, -1.5, carina + 0.06), lambda g: _trachea(g, carina))
+    for side in anatomy.sides():
+        hu, hv = side.hilum
+        _add(attenuation, grid, (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), lambda g, c=side.hilum: _hilum(g, c))
+    bubble = (anatomy.left.width * 0.45, anatomy.left.dome_v + 0.10)
+    box = (bubble[0] - 0.11, bubble[0] + 0.11, bubble[1] - 0.07, bubble[1] + 0.07)
+    _add(attenuation, grid, box, lambda g: _gastric_bubble(g, anatomy, bubble))
+    if anatomy.breasts > 0:
+        low = min(side.cp_v for side in anatomy.sides())
+        _add(attenuation, grid, (-1.0, 1.0, low - 0.4, low + 0.3), lambda g: breasts(g, anatomy))
 
 
 def _hemithorax(
@@ -239,9 +261,10 @@ def _hemithorax(
 
 def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], SignState]:
     grid, anatomy, state, exposure = _setup(seed, size)
-    heart = heart_field(grid, anatomy, state.ctr)
-    attenuation = body_thickness(grid, anatomy) + spine(grid, anatomy) + clavicles(grid, anatomy)
-    attenuation += breasts(grid, anatomy) + _mediastinum(grid, anatomy, heart)
+    heart = np.zeros((size, size), dtype=F32)
+    _add(heart, grid, (-0.55, 0.75, -0.6, 1.1), lambda g: heart_field(g, anatomy, state.ctr))
+    attenuation = body_thickness(grid, anatomy) + heart * F32(0.03)
+    _central(grid, anatomy, attenuation)
     masks = {name: np.zeros((size, size), dtype=bool) for name in SIGNS}
     for window, added, side_masks in _hemithorax(grid, anatomy, state, heart, seed):
         attenuation[window] += added
