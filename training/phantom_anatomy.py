@@ -151,7 +151,7 @@ def draw_anatomy(rng: np.random.Generator, female: bool) -> Anatomy:
     return Anatomy(
         right=sides[0],
         left=sides[1],
-        mediastinum=rng.uniform(0.075, 0.095),
+        mediastinum=rng.uniform(0.095, 0.12),
         knob=rng.uniform(0.03, 0.06),
         heart_tilt=rng.uniform(0.8, 1.3),
         heart_aspect=rng.uniform(0.5, 1.0),
@@ -211,7 +211,7 @@ def heart_borders(anatomy: Anatomy, ctr: float) -> tuple[np.ndarray, np.ndarray]
     t = np.clip((_TABLE_V - top) / (base - top), 0.0, 1.0)
     below = np.clip((_TABLE_V - base - 0.04) / 0.18, 0.0, 1.0)
     closure = np.sqrt(1.0 - below**2)
-    neck = anatomy.mediastinum + 0.03
+    neck = anatomy.mediastinum - 0.01
     right = (neck + (right_max - neck) * np.sin(0.5 * math.pi * t**anatomy.heart_tilt) ** 2) * closure
     left = (neck + (left_max - neck) * np.sin(0.5 * math.pi * t) ** anatomy.heart_aspect) * closure
     inside = _TABLE_V >= top

@@ -1,4 +1,4 @@
-"""Phantoms as DICOM Digital X-Ray images (For Presentation), the way a PACS would send them.
+"""Phantoms as files: DICOM Digital X-Ray images (For Presentation), as a PACS would send them, and PNGs.
 
 The node is tested against what a hospital sends, so the phantoms are
 written as complete DX objects: 12-bit pixels, a mix of MONOCHROME1
@@ -10,10 +10,14 @@ uuid5, so writing the same phantom twice gives the same instance.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from pydicom import Dataset
 from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence
@@ -189,6 +193,28 @@ def phantom_dataset(phantom: Phantom, monochrome1: bool | None = None) -> Datase
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.file_meta = meta
     return ds
+
+
+def save_dicom(phantom: Phantom, path: Path) -> None:
+    """Write the phantom's dataset (seed-decided photometric interpretation) as a DICOM file."""
+    dataset = phantom_dataset(phantom)
+    write_atomic(path, lambda target: dataset.save_as(target, enforce_file_format=True))
+
+
+def save_png(array: np.ndarray, path: Path) -> None:
+    """An 8-bit greyscale PNG of a [0, 1] image, or 0/255 for a boolean mask."""
+    if array.dtype == np.bool_:
+        pixels = array.astype(np.uint8) * 255
+    else:
+        pixels = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    write_atomic(path, lambda target: Image.fromarray(pixels, mode="L").save(target, format="PNG"))
+
+
+def write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    """Write through a temporary name and rename, so a reader never sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
 
 
 def to_model_image(ds: Dataset) -> np.ndarray:

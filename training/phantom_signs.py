@@ -108,7 +108,7 @@ def kerley_lines(grid: Grid, side: Side, lung: Lung, severity: float, seed: int)
     q = (F32(side.cp_v) - grid.v) * F32(1.0 / spacing)
     index = np.clip(np.floor(q), 0, 63).astype(np.intp)
     offset = (q - index - F32(0.5)) * F32(spacing) - jitter[index]
-    line = line_profile(offset, 0.0022, grid.px) * present[index]
+    line = line_profile(offset, 0.003, grid.px) * present[index]
     line *= soft(lengths[index] - lung.to_lateral, grid.edge(0.01))
     zone = soft(q, 0.5) * soft(F32(0.38 / spacing) - q, 2.0)
     return np.asarray(line * zone * lung.field, dtype=F32)

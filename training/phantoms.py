@@ -19,9 +19,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -141,6 +141,7 @@ class _Exposure:
     gamma: float
     noise: float
     tilt: tuple[float, float] = field(default=(0.0, 0.0))
+    shoulder: float = 1.0
 
 
 def _rng(seed: int, stream: int, *extra: int) -> np.random.Generator:
@@ -155,9 +156,10 @@ def _draw_exposure(seed: int) -> _Exposure:
         scale=rng.uniform(0.92, 1.05),
         low=rng.uniform(0.05, 0.15),
         high=rng.uniform(1.25, 1.45),
-        gamma=rng.uniform(0.8, 1.25),
+        gamma=rng.uniform(1.0, 1.5),
         noise=rng.uniform(0.006, 0.02),
         tilt=(rng.uniform(-0.04, 0.04), rng.uniform(-0.04, 0.04)),
+        shoulder=rng.uniform(0.8, 1.6),
     )
 
 
@@ -211,9 +213,8 @@ def _central(grid: Grid, anatomy: Anatomy, attenuation: np.ndarray) -> None:
     _add(attenuation, grid, (-0.8, 0.8, clav - 0.22, clav + 0.08), lambda g: clavicles(g, anatomy))
     carina = anatomy.right.hilum[1] - 0.12
     _add(attenuation, grid, (-0.12, 0.12, -1.5, carina + 0.06), lambda g: _trachea(g, carina))
-    for side in anatomy.sides():
-        hu, hv = side.hilum
-        _add(attenuation, grid, (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), lambda g, c=side.hilum: _hilum(g, c))
+    for hu, hv in (side.hilum for side in anatomy.sides()):
+        _add(attenuation, grid, (hu - 0.2, hu + 0.2, hv - 0.3, hv + 0.3), partial(_hilum, centre=(hu, hv)))
     bubble = (anatomy.left.width * 0.45, anatomy.left.dome_v + 0.10)
     box = (bubble[0] - 0.11, bubble[0] + 0.11, bubble[1] - 0.07, bubble[1] + 0.07)
     _add(attenuation, grid, box, lambda g: _gastric_bubble(g, anatomy, bubble))
@@ -248,7 +249,7 @@ def _hemithorax(
         if severity["edema"] > 0:
             haze = perihilar_haze(sub, side, lung) * F32(0.06 + 0.10 * severity["edema"])
             lines = kerley_lines(sub, side, lung, severity["edema"], seed) * F32(
-                0.05 + 0.07 * severity["edema"]
+                0.08 + 0.10 * severity["edema"]
             )
             added += (haze + lines) * (F32(1.0) - fluid)
         masks = {
@@ -281,8 +282,14 @@ def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], Si
 def _display(attenuation: np.ndarray, grid: Grid, exposure: _Exposure, seed: int) -> np.ndarray:
     """Attenuation to display values: window, tone curve, heel-effect tilt and quantum noise."""
     tilt = F32(exposure.tilt[0]) * grid.u + F32(exposure.tilt[1]) * grid.v
-    value = (attenuation + tilt - F32(exposure.low)) * F32(1.0 / (exposure.high - exposure.low))
-    value = np.clip(value, 0.0, 1.0) ** F32(exposure.gamma)
+    linear = np.clip(
+        (attenuation + tilt - F32(exposure.low)) * F32(1.0 / (exposure.high - exposure.low)), 0.0, 1.0
+    )
+    # film-like shoulder: dense regions (heart, spine) lose contrast, lungs keep it
+    norm = F32(1.0 / (1.0 - math.exp(-exposure.shoulder)))
+    value = np.asarray(
+        ((F32(1.0) - np.exp(-F32(exposure.shoulder) * linear)) * norm) ** F32(exposure.gamma), dtype=F32
+    )
     noise = _rng(seed, _NOISE_STREAM, grid.size).standard_normal(value.shape, dtype=F32)
     # quantum noise per pixel falls as pixels grow (fewer, larger pixels collect more photons each)
     value += noise * F32(exposure.noise * min(1.0, grid.size / 1024) ** 0.5) * (F32(0.5) + value)
@@ -330,30 +337,6 @@ def anatomy_masks(seed: int, size: int = 1024) -> dict[str, np.ndarray]:
     return {"heart": heart_field(grid, anatomy, state.ctr) > 0.5, "lungs": lungs}
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write through a temporary name and rename, so a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
-
-
-def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    if array.dtype == np.bool_:
-        pixels = array.astype(np.uint8) * 255
-    else:
-        pixels = np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
-    _write_atomic(path, lambda target: Image.fromarray(pixels, mode="L").save(target, format="PNG"))
-
-
-def _save_dicom(phantom: Phantom, path: Path) -> None:
-    from training.phantom_dicom import phantom_dataset  # pydicom only when DICOM is asked for
-
-    dataset = phantom_dataset(phantom)
-    _write_atomic(path, lambda target: dataset.save_as(target, enforce_file_format=True))
-
-
 def _csv_row(phantom: Phantom, image: str, masks: dict[str, str]) -> dict[str, str]:
     row = {
         "path": image,
@@ -396,6 +379,12 @@ def write_phantoms(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive integer, got {n!r}")
     _check(seed, size)
+    from training.phantom_dicom import (  # pydicom only when files are written
+        save_dicom,
+        save_png,
+        write_atomic,
+    )
+
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
@@ -405,14 +394,14 @@ def write_phantoms(
         stem = f"phantom_{seed + index:06d}"
         image = f"images/{stem}.{'dcm' if fmt == 'dicom' else 'png'}"
         if fmt == "dicom":
-            _save_dicom(phantom, out / image)
+            save_dicom(phantom, out / image)
         else:
-            _save_png(phantom.image, out / image)
+            save_png(phantom.image, out / image)
         masks = {}
         for name in SIGNS:
             if phantom.severities[name] > 0:
                 masks[name] = f"masks/{stem}_{name}.png"
-                _save_png(phantom.masks[name], out / masks[name])
+                save_png(phantom.masks[name], out / masks[name])
         rows.append(_csv_row(phantom, image, masks))
         if progress is not None:
             progress(1)
@@ -424,6 +413,6 @@ def write_phantoms(
             writer.writeheader()
             writer.writerows(rows)
 
-    _write_atomic(csv_path, write_csv)
+    write_atomic(csv_path, write_csv)
     logger.info("wrote %d phantoms (seeds %d..%d, %s, %d px) to %s", n, seed, seed + n - 1, fmt, size, out)
     return csv_path
