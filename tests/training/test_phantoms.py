@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from training.cli import phantoms as phantoms_cli
 from training.phantom_dicom import DX_FOR_PRESENTATION, MAX_VALUE, phantom_dataset, to_model_image
@@ -248,16 +249,15 @@ def test_write_phantoms_rejects_unknown_format(tmp_path: Path) -> None:
         write_phantoms(1, 0, tmp_path, "jpeg", size=32)  # type: ignore[arg-type]
 
 
-def test_cli_phantoms_writes_csv_and_reports_errors(
+def test_cli_phantoms_writes_csv_preview_and_reports_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """gvr phantoms writes the set and prints the CSV path; a bad --n exits 2 with a message."""
-    assert (
-        phantoms_cli.main(
-            ["--n", "2", "--seed", "3", "--out", str(tmp_path), "--format", "png", "--size", "32", "--quiet"]
-        )
-        == 0
-    )
+    """gvr phantoms writes the set and a preview grid, prints the CSV path; a bad --n exits 2 with a message."""
+    preview = tmp_path / "preview.png"
+    argv = ["--n", "2", "--seed", "3", "--out", str(tmp_path), "--format", "png", "--size", "32"]
+    assert phantoms_cli.main([*argv, "--quiet", "--preview", str(preview)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "labels.csv")
+    with Image.open(preview) as image:
+        assert image.mode == "RGB" and image.width == 2 * 256
     assert phantoms_cli.main(["--n", "0", "--out", str(tmp_path), "--quiet"]) == 2
     assert "n must be a positive integer" in capsys.readouterr().err

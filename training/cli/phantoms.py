@@ -114,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gvr phantoms: cannot write to {args.out}: {error}", file=sys.stderr)
         return 1
     if args.preview is not None:
-        render_preview(list(range(args.seed, args.seed + min(args.n, 8))), size=min(args.size, 320)).save(
-            args.preview
-        )
+        seeds = list(range(args.seed, args.seed + min(args.n, 8)))
+        render_preview(seeds, size=256).save(args.preview)  # 256 px: big enough for the captions
     print(csv_path)
     return 0
 
