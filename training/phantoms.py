@@ -226,7 +226,7 @@ def _central(grid: Grid, anatomy: Anatomy, attenuation: np.ndarray) -> None:
 def _hemithorax(
     grid: Grid, anatomy: Anatomy, state: SignState, heart: np.ndarray, seed: int
 ) -> Iterator[tuple[tuple[slice, slice], np.ndarray, dict[str, np.ndarray]]]:
-    """Per side: the window, the attenuation it adds and the sign masks inside it."""
+    """Per side: the window, the attenuation it adds and how much of each pixel each sign covers."""
     severity = state.severities
     texture = parenchyma(_rng(seed, _ANATOMY_STREAM, 1))
     for index, side in enumerate(anatomy.sides()):
@@ -253,7 +253,7 @@ def _hemithorax(
             )
             added += (haze + lines) * (F32(1.0) - fluid)
         masks = {
-            "effusion": (fluid > 0.5) & (lung.field > 0.5),
+            "effusion": fluid * lung.field,
             "venous_diversion": upper_zone_mask(sub, side, lung),
             "edema": edema_mask(sub, side, lung),
         }
@@ -266,17 +266,25 @@ def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], Si
     _add(heart, grid, (-0.55, 0.75, -0.6, 1.1), lambda g: heart_field(g, anatomy, state.ctr))
     attenuation = body_thickness(grid, anatomy) + heart * F32(0.03)
     _central(grid, anatomy, attenuation)
-    masks = {name: np.zeros((size, size), dtype=bool) for name in SIGNS}
-    for window, added, side_masks in _hemithorax(grid, anatomy, state, heart, seed):
+    cover = {name: np.zeros((size, size), dtype=F32) for name in SIGNS}
+    for window, added, side_cover in _hemithorax(grid, anatomy, state, heart, seed):
         attenuation[window] += added
-        for name, mask in side_masks.items():
-            if state.severities[name] > 0:
-                masks[name][window] |= mask
+        for name, part in side_cover.items():
+            np.maximum(cover[name][window], part, out=cover[name][window])
+    masks = {name: _mask(cover[name]) if state.severities[name] > 0 else cover[name] > 1 for name in SIGNS}
     if state.severities["cardiomegaly"] > 0:
         lateral = np.abs(grid.u)
         dome = np.where(grid.u < 0, diaphragm_v(anatomy.right, lateral), diaphragm_v(anatomy.left, lateral))
         masks["cardiomegaly"] = (heart > 0.5) & (grid.v < dome + F32(0.01))
     return _display(attenuation, grid, exposure, seed), masks, state
+
+
+def _mask(cover: np.ndarray) -> np.ndarray:
+    """Pixels at least half covered; at tiny sizes a mild sign may cover none by half, so keep its best pixels."""
+    mask = cover > 0.5
+    if not mask.any() and cover.max() > 0:
+        mask = cover >= cover.max()
+    return np.asarray(mask, dtype=bool)
 
 
 def _display(attenuation: np.ndarray, grid: Grid, exposure: _Exposure, seed: int) -> np.ndarray:

@@ -92,7 +92,7 @@ def test_make_phantom_mirrors_lungs_dark_mediastinum_bright() -> None:
     )
 
 
-@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("size", [16, 32, 64, 128])
 def test_make_phantom_masks_empty_exactly_when_severity_zero(size: int) -> None:
     """Over 60 phantoms, a sign's mask has pixels if and only if its severity is above 0."""
     for seed in range(60):
