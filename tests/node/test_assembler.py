@@ -1,0 +1,139 @@
+"""Study assembly: eligibility, loop guard, one job per complete study, events that say why."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from node.audit.models import Event, Job, JobImage, JobState, Study, StudyState
+from node.config import Peer
+from node.scu import FileToSend, send_files
+from node.selection import RESULT_MANUFACTURER, SelectionRule
+from tests.factories import CT_IMAGE, make_image, write
+
+
+def _send(service: Any, paths: list[Path]) -> None:
+    peer = Peer(ae_title="GVRNODE", host="127.0.0.1", port=service.port)
+    assert all(r.ok for r in send_files([FileToSend.read(p) for p in paths], peer, "GVRSCU"))
+
+
+def _wait_for_study(service: Any, study_uid: str, timeout: float = 10.0) -> Study:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with service.audit.session() as session:
+            study = session.scalar(select(Study).where(Study.study_uid == study_uid))
+            if study is not None and study.state != StudyState.RECEIVING:
+                return study
+        time.sleep(0.05)
+    raise AssertionError(f"study {study_uid} was not assembled within {timeout} s")
+
+
+def test_assembler_complete_study_gets_one_job_with_eligible_images(running_node: Any, tmp_path: Path) -> None:
+    """Two frontal chest DX images and a lateral: one job holding the two frontal ones."""
+    enqueued: list[str] = []
+    service = running_node()
+    service.assembler.enqueue = enqueued.append
+    study_uid = generate_uid()
+    images = [make_image(study_uid, seed=1), make_image(study_uid, seed=2, view=None), make_image(study_uid, view="LL")]
+    _send(service, [write(ds, tmp_path) for ds in images])
+    study = _wait_for_study(service, study_uid)
+    assert study.state == StudyState.ASSEMBLED
+    with service.audit.session() as session:
+        jobs = list(session.scalars(select(Job)))
+        assert len(jobs) == 1 and jobs[0].state == JobState.QUEUED
+        assert len(list(session.scalars(select(JobImage)))) == 2
+        event = session.scalar(select(Event).where(Event.kind == "job.queued"))
+        assert event is not None and "LL" in str(event.details)
+    deadline = time.monotonic() + 5
+    while not enqueued and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert enqueued == [jobs[0].id]
+
+
+def test_assembler_no_eligible_image_says_why(running_node: Any, tmp_path: Path) -> None:
+    """A CT study gets no job and an event naming the modality."""
+    service = running_node()
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    _send(service, [write(make_image(study_uid, modality="CT", sop_class=CT_IMAGE), tmp_path)])
+    study = _wait_for_study(service, study_uid)
+    assert study.state == StudyState.NO_ELIGIBLE
+    assert "modality CT" in (study.reason or "")
+    with service.audit.session() as session:
+        event = session.scalar(select(Event).where(Event.kind == "study.no_eligible"))
+        assert event is not None and "CT" in event.message
+
+
+def test_assembler_loop_guard_skips_own_results(running_node: Any, tmp_path: Path) -> None:
+    """An image that carries this node's manufacturer is never analysed again."""
+    service = running_node()
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    ds = make_image(study_uid)
+    ds.Manufacturer = RESULT_MANUFACTURER
+    _send(service, [write(ds, tmp_path)])
+    study = _wait_for_study(service, study_uid)
+    assert study.state == StudyState.NO_ELIGIBLE
+    assert "loop guard" in (study.reason or "")
+
+
+def test_assembler_broker_down_job_sent_later(running_node: Any, tmp_path: Path) -> None:
+    """When the broker refuses, the job stays committed and unsent, then goes once it is back."""
+    service = running_node()
+    attempts: list[str] = []
+
+    def refuse(job_id: str) -> None:
+        attempts.append(job_id)
+        raise ConnectionError("broker down")
+
+    service.assembler.enqueue = refuse
+    study_uid = generate_uid()
+    _send(service, [write(make_image(study_uid), tmp_path)])
+    _wait_for_study(service, study_uid)
+    with service.audit.session() as session:
+        job = session.scalar(select(Job))
+        assert job is not None and job.enqueued_at is None
+    sent: list[str] = []
+    service.assembler.enqueue = sent.append
+    deadline = time.monotonic() + 5
+    while not sent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sent == [job.id] and attempts
+    while time.monotonic() < deadline:
+        with service.audit.session() as session:
+            if session.get(Job, job.id).enqueued_at is not None:  # type: ignore[union-attr]
+                return
+        time.sleep(0.05)
+    raise AssertionError("the job was sent but not marked enqueued")
+
+
+def test_assembler_late_instance_gets_its_own_job(running_node: Any, tmp_path: Path) -> None:
+    """An image arriving after assembly is analysed once, in a new job; the first is not redone."""
+    service = running_node()
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    _send(service, [write(make_image(study_uid, seed=1), tmp_path)])
+    _wait_for_study(service, study_uid)
+    _send(service, [write(make_image(study_uid, seed=2), tmp_path)])
+    time.sleep(0.1)
+    _wait_for_study(service, study_uid)
+    with service.audit.session() as session:
+        jobs = list(session.scalars(select(Job)))
+        images = list(session.scalars(select(JobImage)))
+    assert len(jobs) == 2 and len(images) == 2
+    assert len({image.instance_id for image in images}) == 2
+
+
+def test_selection_rule_reasons() -> None:
+    """The rule accepts frontal chest CR/DX and names what it rejects."""
+    rule = SelectionRule()
+    assert rule.reason_to_skip(make_image("1.2.3", modality="CR")) is None
+    assert rule.reason_to_skip(make_image("1.2.3", body_part=None, view=None)) is None
+    assert "body part" in (rule.reason_to_skip(make_image("1.2.3", body_part="KNEE")) or "")
+    derived = make_image("1.2.3")
+    derived.ImageType = ["DERIVED", "SECONDARY"]
+    assert "DERIVED" in (rule.reason_to_skip(derived) or "")
