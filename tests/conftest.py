@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Imported here, at a shallow stack, on purpose: hypothesis's pytest plugin imports the package
+# lazily in its terminal summary, deep in pluggy's stack, where CPython 3.11.7's assertion-rewrite
+# parse fails ("SystemError: AST constructor recursion depth mismatch", fixed in 3.11.8) and turns
+# a green run into exit status 1.
+import hypothesis  # noqa: F401
 import pytest
 
 from tests.peers import (

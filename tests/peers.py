@@ -151,14 +151,40 @@ def nodelay_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+# transfer syntax -> the storescu option that proposes it (plus uncompressed); one per association
+STORESCU_PROPOSE: dict[str, str] = {
+    "1.2.840.10008.1.2": "-xi",
+    "1.2.840.10008.1.2.1": "-xe",
+    "1.2.840.10008.1.2.1.99": "-xd",
+    "1.2.840.10008.1.2.4.50": "-xy",
+    "1.2.840.10008.1.2.4.51": "-xx",
+    "1.2.840.10008.1.2.4.70": "-xs",
+    "1.2.840.10008.1.2.4.80": "-xt",
+    "1.2.840.10008.1.2.4.81": "-xu",
+    "1.2.840.10008.1.2.4.90": "-xv",
+    "1.2.840.10008.1.2.4.91": "-xw",
+    "1.2.840.10008.1.2.5": "-xr",
+}
+
+
+def storescu_option(transfer_syntax: str) -> str:
+    """The ``storescu`` option proposing ``transfer_syntax``: by default it offers uncompressed only."""
+    try:
+        return STORESCU_PROPOSE[transfer_syntax]
+    except KeyError:
+        raise ValueError(f"no storescu option proposes transfer syntax {transfer_syntax!r}") from None
+
+
 def run_storescu(
     port: int, files: Iterable[Path], *options: str, host: str = LOOPBACK, calling_aet: str = "STORESCU",
     called_aet: str = "GVRNODE", timeout: float = 60.0,
 ) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """Send ``files`` with dcmtk's ``storescu`` in one association; skips when dcmtk is missing.
 
-    ``options`` go before host and port (e.g. ``"-R"``, ``"-xs"``). The result is
-    not checked: a test asserts on ``returncode`` and the output it expects.
+    ``options`` go before host and port, e.g. ``storescu_option(syntax), "-R"``
+    for a compressed file (storescu offers only uncompressed syntaxes unless
+    told, and converts nothing compressed). The result is not checked: a test
+    asserts on ``returncode`` and the output it expects.
     """
     require_tool("storescu", "dcmtk")
     command = ["storescu", "-aet", calling_aet, "-aec", called_aet, *options, host, str(port)]
@@ -202,20 +228,18 @@ _TEST_FILES: dict[str, str] = {
 def pydicom_test_files() -> list[DicomTestFile]:
     """pydicom's bundled single-frame images, one or two per transfer syntax family.
 
-    Read from the package's own ``test_files`` folder, never through
-    ``get_testdata_file``/``get_testdata_files``: for a file not bundled those
-    try to download it, which offline costs ~21 s of retries per file. A file
-    is listed only when it exists, has the expected transfer syntax, a file
-    meta that matches its data set (SOP class and instance) and pixel data.
-    Big endian is left out (retired; peers may refuse it).
+    Found with ``get_testdata_file(name, download=False)``: a file that is not
+    bundled would otherwise be downloaded, which offline costs ~21 s of retries
+    per file. A file is listed only when it has the expected transfer syntax, a
+    file meta that matches its data set (SOP class and instance) and pixel
+    data. Big endian is left out (retired; peers may refuse it).
     """
-    import pydicom.data
+    from pydicom.data import get_testdata_file
 
-    folder = Path(pydicom.data.__file__).parent / "test_files"
     found = []
     for name, syntax in _TEST_FILES.items():
-        path = folder / name
-        if path.is_file() and (entry := _describe(path, syntax)) is not None:
+        path = get_testdata_file(name, download=False)
+        if path is not None and (entry := _describe(Path(str(path)), syntax)) is not None:
             found.append(entry)
     return found
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pydicom
 import pytest
 import redis
 import sqlalchemy
@@ -17,8 +19,14 @@ from tests.peers import (
     PostgresServer,
     claim_redis_db,
     free_port,
+    nodelay_env,
     port_answers,
+    pydicom_test_files,
     release_redis_db,
+    require_tool,
+    start_process,
+    stop_process,
+    storescu_option,
     wait_for_http,
     wait_for_port,
 )
@@ -91,3 +99,64 @@ def test_orthanc_fixture_answers_rest(orthanc: Orthanc) -> None:
     assert system["DicomAet"] == "ORTHANC"
     assert system["DicomPort"] == orthanc.dicom_port
     assert orthanc.studies() == []
+
+
+def test_pydicom_test_files_cover_transfer_syntax_families() -> None:
+    """The bundled files span implicit, explicit, deflate, JPEG, JPEG-LS, JPEG 2000 and RLE."""
+    files = pydicom_test_files()
+    syntaxes = {f.transfer_syntax for f in files}
+    assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.50",
+            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"} <= syntaxes  # fmt: skip
+    for path, syntax, sop_class in files:
+        assert path.is_file() and syntax.startswith("1.2.840.10008.1.2") and sop_class.startswith("1.2.840")
+
+
+def test_storescu_sends_every_test_file_to_dcmtk_storescp(
+    storescu: Callable[..., Any], tmp_path: Path
+) -> None:
+    """``run_storescu`` with ``storescu_option`` delivers each bundled file in its own transfer syntax."""
+    require_tool("storescp", "dcmtk")
+    port, received = free_port(), tmp_path / "received"
+    received.mkdir()
+    log = tmp_path / "storescp.log"
+    scp = start_process(["storescp", "+xa", "+uf", "-od", str(received), "-aet", "GVRNODE", str(port)], log, nodelay_env())
+    try:
+        wait_for_port("127.0.0.1", port, timeout=10, process=scp, log=log)
+        files = pydicom_test_files()
+        for path, syntax, _sop_class in files:
+            result = storescu(port, [path], storescu_option(syntax), "-R")
+            assert result.returncode == 0, result.stderr
+    finally:
+        assert stop_process(scp) in (0, -15)
+    stored = {pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in received.iterdir()}
+    assert stored == {f.transfer_syntax for f in files}
+
+
+def test_orthanc_fixture_uploads_and_stores_to_a_modality(orthanc: Orthanc, tmp_path: Path) -> None:
+    """Upload through REST, read tags, then C-STORE to a declared storescp modality."""
+    require_tool("storescp", "dcmtk")
+    ct = next(f for f in pydicom_test_files() if f.path.name == "CT_small.dcm")
+    answer = orthanc.upload(ct.path)
+    assert orthanc.find_instances() == [answer["ID"]] and orthanc.studies() == [answer["ParentStudy"]]
+    assert orthanc.instance_tags(answer["ID"])["SOPInstanceUID"] == ct.sop_instance_uid()
+    port, received, log = free_port(), tmp_path / "received", tmp_path / "storescp.log"
+    received.mkdir()
+    scp = start_process(["storescp", "-od", str(received), "-aet", "PEER", str(port)], log, nodelay_env())
+    try:
+        wait_for_port("127.0.0.1", port, timeout=10, process=scp, log=log)
+        orthanc.add_modality("peer", "PEER", "127.0.0.1", port)
+        orthanc.store_to("peer", [answer["ID"]])
+    finally:
+        stop_process(scp)
+    assert len(list(received.iterdir())) == 1
+
+
+def test_node_process_fixture_starts_gvr_node_and_stops_it(node_process: Callable[..., Any]) -> None:
+    """``gvr node`` starts from GVR_* variables, answers C-ECHO, and exits cleanly on SIGTERM."""
+    require_tool("echoscu", "dcmtk")
+    node = node_process()
+    echo = subprocess.run(["echoscu", "-aet", "GVRTEST", "-aec", "GVRNODE", "127.0.0.1", str(node.port)],
+                          env=nodelay_env(), capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert echo.returncode == 0, echo.stderr + node.log()
+    assert node.stop() == 0, node.log()
+    assert (node.data_dir / "audit.sqlite3").is_file()
