@@ -138,7 +138,8 @@ def plot_losses(records: list[dict[str, Any]], keys: Iterable[str], out: Path, t
     ax.set_xlabel("step")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_lines():
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

@@ -111,7 +111,7 @@ def _critic_update(g: Generator, c: Critic, real: torch.Tensor, cfg: GeneratorTr
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return float(distance), float(penalty)
+    return float(distance.detach()), float(penalty.detach())
 
 
 def _generator_update(g: Generator, c: Critic, cfg: GeneratorTraining, opt: torch.optim.Optimizer,

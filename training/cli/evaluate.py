@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes that render phantoms")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser
 
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import load_labelled
     from training.evaluate import evaluate_bundle
 
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     started = time.monotonic()
     try:
         bundle = load_bundle(args.bundle)

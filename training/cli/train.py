@@ -24,6 +24,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     group.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     group.add_argument("--workers", type=int, default=1, help="processes that render phantoms")
+    group.add_argument("--threads", type=int, default=0,
+                       help="torch CPU threads (0: torch's default; 1 is fastest on a busy shared machine)")
     group.add_argument("--cache", type=Path, default=None,
                        help="folder for a .npy cache of preprocessed images (reused by later stages)")
 
@@ -79,6 +81,8 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     opt.add_argument("--epochs", type=int, default=600, help="full-batch epochs per candidate")
     opt.add_argument("--overfit", action="store_true",
                      help="also fit the paper's control: a deliberately overfitted wide MLP")
+    opt.add_argument("--overfit-epochs", type=int, default=3000, help="epochs of the overfitted control")
+    opt.add_argument("--overfit-hidden", type=int, default=512, help="width of the control's two hidden layers")
     _common(p)
 
 
@@ -150,7 +154,8 @@ def _run_classifier(args: argparse.Namespace) -> dict[str, object]:
         args.out.mkdir(parents=True, exist_ok=True)
         np.savez(cache, z=z.numpy(), bnp=bnp)
     labels = bnp >= args.threshold
-    cfg = ClassifierTraining(val_fraction=args.val_fraction, epochs=args.epochs, seed=args.seed)
+    cfg = ClassifierTraining(val_fraction=args.val_fraction, epochs=args.epochs, seed=args.seed,
+                             overfit_epochs=args.overfit_epochs, overfit_hidden=args.overfit_hidden)
     extra = {"kind": "classifier", "bnp_threshold": args.threshold, "data": f"{args.labels} ({len(bnp)} images, "
              f"{int(labels.sum())} with BNP >= {args.threshold:g})", "config": cfg.to_dict(),
              "encoder": str(args.encoder), "generator": str(args.generator), "step": 1}
@@ -169,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     runners = {"generator": _run_generator, "encoder": _run_encoder, "classifier": _run_classifier}
     started = time.monotonic()
     try:
