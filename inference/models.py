@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class Generator(nn.Module):
         widths = _widths(config.generator_channels, config.n_scales, config.max_channels)
         self.project = nn.Linear(config.latent_dim, widths[0] * 16)
         layers: list[nn.Module] = []
-        for c_in, c_out in zip(widths, widths[1:]):
+        for c_in, c_out in pairwise(widths):
             layers += [nn.ReLU(inplace=True), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
         layers += [nn.ReLU(inplace=True), nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), nn.Tanh()]
         self.body = nn.Sequential(*layers)
@@ -110,18 +111,19 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.project(z).view(z.shape[0], self._first_width, 4, 4)
-        return self.body(h)
+        images: torch.Tensor = self.body(h)
+        return images
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent vectors -> images; raises ValueError on a wrong shape."""
         _check_latents(z, self.config.latent_dim, "Generator.decode")
-        return self(z)
+        return self.forward(z)
 
 
 def _downsampler(config: ArchitectureConfig, base: int) -> tuple[nn.Sequential, int]:
     widths = list(reversed(_widths(base, config.n_scales, config.max_channels)))
     layers: list[nn.Module] = [nn.Conv2d(1, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
-    for c_in, c_out in zip(widths, widths[1:]):
+    for c_in, c_out in pairwise(widths):
         layers += [nn.Conv2d(c_in, c_out, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
     return nn.Sequential(*layers, nn.Flatten()), widths[-1] * 16
 
@@ -136,12 +138,13 @@ class Critic(nn.Module):
         self.score = nn.Linear(features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(self.body(x)).squeeze(1)
+        scores: torch.Tensor = self.score(self.body(x)).squeeze(1)
+        return scores
 
     def criticise(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> one unbounded realness score per image."""
         _check_images(x, self.config.resolution, "Critic.criticise")
-        return self(x)
+        return self.forward(x)
 
 
 class Encoder(nn.Module):
@@ -154,12 +157,13 @@ class Encoder(nn.Module):
         self.head = nn.Linear(features, config.latent_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        latents: torch.Tensor = self.head(self.body(x))
+        return latents
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images -> latent vectors; raises ValueError on a wrong shape."""
         _check_images(x, self.config.resolution, "Encoder.encode")
-        return self(x)
+        return self.forward(x)
 
 
 class ClassifierKind(str, Enum):
@@ -207,6 +211,9 @@ class LatentClassifier(nn.Module):
     file alone reproduces the standardisation the model was trained with.
     """
 
+    latent_mean: torch.Tensor
+    latent_scale: torch.Tensor
+
     def __init__(self, config: ClassifierConfig) -> None:
         super().__init__()
         self.config = config
@@ -238,12 +245,13 @@ class LatentClassifier(nn.Module):
         self.latent_scale.copy_(scale)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.body((z - self.latent_mean) / self.latent_scale).squeeze(1)
+        logits: torch.Tensor = self.body((z - self.latent_mean) / self.latent_scale).squeeze(1)
+        return logits
 
     def logits(self, z: torch.Tensor) -> torch.Tensor:
         """Latent vectors ``N x d`` -> disease logits ``N``."""
         _check_latents(z, self.config.latent_dim, "LatentClassifier.logits")
-        return self(z)
+        return self.forward(z)
 
     def predict_proba(self, z: torch.Tensor) -> torch.Tensor:
         """Latent vectors ``N x d`` -> probability of heart failure ``N`` in [0, 1]."""

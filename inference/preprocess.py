@@ -18,9 +18,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +122,8 @@ def array_to_model_image(
     if row_mm <= 0 or col_mm <= 0:
         row_mm = col_mm = 1.0
     side_mm = max(rows * row_mm, cols * col_mm)
-    padded_rows = max(rows, int(round(side_mm / row_mm)))
-    padded_cols = max(cols, int(round(side_mm / col_mm)))
+    padded_rows = max(rows, round(side_mm / row_mm))
+    padded_cols = max(cols, round(side_mm / col_mm))
     geometry = Geometry(rows, cols, (padded_rows - rows) // 2, (padded_cols - cols) // 2,
                         padded_rows, padded_cols, resolution)
     unit = normalise_intensity(intensity)
@@ -130,7 +134,7 @@ def array_to_model_image(
     return pixels.astype(np.float32), geometry
 
 
-def _dicom_spacing(ds: object) -> tuple[float, float]:
+def _dicom_spacing(ds: Dataset) -> tuple[float, float]:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = getattr(ds, keyword, None)
         if value is not None and len(value) == 2:
@@ -141,9 +145,9 @@ def _dicom_spacing(ds: object) -> tuple[float, float]:
     return 1.0, 1.0
 
 
-def check_usable(ds: object) -> None:
+def check_usable(ds: Dataset) -> None:
     """Raise UnusableImageError when a dataset is not a single-frame grayscale image."""
-    if "PixelData" not in ds:  # type: ignore[operator]
+    if "PixelData" not in ds:
         raise UnusableImageError("dataset has no pixel data (PixelData is missing)")
     samples = int(getattr(ds, "SamplesPerPixel", 1))
     if samples != 1:
@@ -159,21 +163,21 @@ def check_usable(ds: object) -> None:
         raise UnusableImageError(f"image is {rows} x {cols} pixels; at least {MIN_SIDE} px on each side is needed")
 
 
-def dicom_to_model_image(ds: object, resolution: int) -> tuple[np.ndarray, Geometry]:
+def dicom_to_model_image(ds: Dataset, resolution: int) -> tuple[np.ndarray, Geometry]:
     """A pydicom Dataset -> (float32 ``R x R`` in [-1, 1], Geometry).
 
     Raises:
         UnusableImageError: no pixel data, colour, multi-frame, or smaller than 64 px.
     """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     check_usable(ds)
     try:
-        stored = ds.pixel_array  # type: ignore[attr-defined]
+        stored = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for undecodable pixel data
         raise UnusableImageError(f"pixel data cannot be decoded: {exc}") from exc
     values = apply_modality_lut(stored, ds).astype(np.float64)
-    if "WindowCenter" in ds or "VOILUTSequence" in ds:  # type: ignore[operator]
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
         values = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         values = values.max() + values.min() - values

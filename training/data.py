@@ -123,8 +123,7 @@ def render_phantoms(
     results: list[tuple[np.ndarray, np.ndarray]] = []
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
-            for result in _progress(pool.map(_phantom_chunk, chunks), f"phantoms ({len(seeds)})", len(chunks)):
-                results.append(result)
+            results = list(_progress(pool.map(_phantom_chunk, chunks), f"phantoms ({len(seeds)})", len(chunks)))
     else:
         for chunk in _progress(chunks, f"phantoms ({len(seeds)})"):
             results.append(_phantom_chunk(chunk))
@@ -155,7 +154,8 @@ def _cached(cache_dir: Path | None, key: str, build: Callable[[], np.ndarray]) -
     path = cache_dir / f"images-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
     if path.is_file():
         logger.info("using cached images %s", path)
-        return np.load(path, allow_pickle=False)
+        cached: np.ndarray = np.load(path, allow_pickle=False)
+        return cached
     images = build()
     np.save(path, images, allow_pickle=False)
     return images

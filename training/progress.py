@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ def save_checkpoint(
     out: Path,
     modules: dict[str, nn.Module],
     state: dict[str, Any],
-    optimizers: dict[str, torch.optim.Optimizer] | None = None,
+    optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
 ) -> None:
     """Write ``<name>.safetensors`` per module, ``optimizer.pt`` and, last, ``state.json``."""
     out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def read_state(out: Path) -> dict[str, Any]:
     return data
 
 
-def load_optimizers(out: Path, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+def load_optimizers(out: Path, optimizers: Mapping[str, torch.optim.Optimizer]) -> None:
     path = out / OPTIMIZER_FILE
     if not path.is_file():
         raise CheckpointError(f"cannot resume: {path} is missing")

@@ -61,7 +61,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
         idx = rng.permutation(np.flatnonzero(labels == cls))
         if len(idx) < 2:
             raise ValueError(f"need at least 2 examples of each class, got {len(idx)} with label {cls}")
-        n_val = max(1, int(round(len(idx) * val_fraction)))
+        n_val = max(1, round(len(idx) * val_fraction))
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
@@ -114,7 +114,7 @@ def select_classifier(z: torch.Tensor, labels: np.ndarray, cfg: ClassifierTraini
     summary = {"candidates": results, "val_auc": best_auc, "kind": best.kind.value,
                "decision_threshold": youden_threshold(labels[val], val_p),
                "train_auc": roc_auc(labels[train], _probabilities(best, z[train])),
-               "n_train": int(len(train)), "n_val": int(len(val))}
+               "n_train": len(train), "n_val": len(val)}
     return best, summary
 
 
@@ -127,7 +127,7 @@ def overfit_classifier(z: torch.Tensor, labels: np.ndarray, cfg: ClassifierTrain
     config = ClassifierConfig(ClassifierKind.MLP, z.shape[1], (cfg.overfit_hidden, cfg.overfit_hidden), 0.0)
     y = torch.from_numpy(labels.astype(np.float32))
     model = fit(config, z[tiny], y[tiny], cfg.overfit_epochs, 1e-3, 0.0, cfg.seed)
-    summary = {"kind": "mlp", "overfit": True, "n_train": int(len(tiny)),
+    summary = {"kind": "mlp", "overfit": True, "n_train": len(tiny),
                "train_auc": roc_auc(labels[tiny], _probabilities(model, z[tiny])) if labels[tiny].any()
                and not labels[tiny].all() else None,
                "val_auc": roc_auc(labels[val], _probabilities(model, z[val]))}

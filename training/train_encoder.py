@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ def train_encoder(images: np.ndarray, generator: Generator, cfg: EncoderTraining
     return record
 
 
-def _checkpoint(out: Path, e: Encoder, g: Generator, opts: dict[str, torch.optim.Optimizer],
+def _checkpoint(out: Path, e: Encoder, g: Generator, opts: Mapping[str, torch.optim.Optimizer],
                 cfg: EncoderTraining, arch: ArchitectureConfig, step: int, generator_dir: str,
                 log: MetricsLog, images: np.ndarray) -> None:
     e.eval()

@@ -10,6 +10,7 @@ the uninterrupted run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,8 @@ def gradient_penalty(critic: Critic, real: torch.Tensor, fake: torch.Tensor, rng
     mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
     scores = critic(mixed)
     (grads,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
-    return ((grads.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+    penalty: torch.Tensor = ((grads.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
+    return penalty
 
 
 def save_sample_grid(generator: Generator, path: Path, n: int = 16, seed: int = 1234) -> None:
@@ -171,7 +173,7 @@ def train_generator(images: np.ndarray, cfg: GeneratorTraining, out: Path, resum
     return record
 
 
-def _checkpoint(out: Path, g: Generator, c: Critic, opts: dict[str, torch.optim.Optimizer],
+def _checkpoint(out: Path, g: Generator, c: Critic, opts: Mapping[str, torch.optim.Optimizer],
                 cfg: GeneratorTraining, step: int, data_description: str, log: MetricsLog) -> None:
     state = {"kind": "generator", "step": step, "config": cfg.to_dict(), "data": data_description}
     save_checkpoint(out, {"generator": g, "critic": c}, state, opts)
