@@ -26,20 +26,23 @@ import pytest
 from tests.peers import (
     LOOPBACK,
     DicomTestFile,
-    Orthanc,
+    free_port,
+    pydicom_test_files,
+    require_tool,
+    run_storescu,
+    start_process,
+    stop_process,
+    wait_for_port,
+)
+from tests.peers_orthanc import Orthanc
+from tests.peers_servers import (
     PostgresServer,
     PrivatePostgres,
     claim_redis_db,
     find_postgres,
-    free_port,
-    pydicom_test_files,
     redis_answers,
     release_redis_db,
-    run_storescu,
     start_private_redis,
-    start_process,
-    stop_process,
-    wait_for_port,
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +153,7 @@ def redis_url(redis_server: tuple[str, int]) -> Iterator[str]:
 def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
     """A private Orthanc (AET ORTHANC) on free DICOM and HTTP ports, config and storage in tmp_path.
 
-    Yields ``tests.peers.Orthanc``: ``.dicom_port``, ``.http_port``, ``.url``,
+    Yields ``tests.peers_orthanc.Orthanc``: ``.dicom_port``, ``.http_port``, ``.url``,
     ``.aet``, ``add_modality``, ``upload``, ``store_to``, ``find_instances``,
     ``instance_tags``, ``studies``, ``request``. Shut down through REST after the
     test (killed after 10 s). Skips with "apt-get install orthanc" when missing.
@@ -165,8 +168,6 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
 @pytest.fixture
 def storescu() -> Callable[..., Any]:
     """``tests.peers.run_storescu`` (dcmtk's storescu with TCP_NODELAY=1); skips without dcmtk."""
-    from tests.peers import require_tool
-
     require_tool("storescu", "dcmtk")
     return run_storescu
 

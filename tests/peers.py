@@ -1,29 +1,23 @@
-"""Helpers for starting and reaching real peers in tests: ports, processes, tools, servers.
+"""Helpers for starting and reaching real peers in tests: ports, processes, tools, test files.
 
-The fixtures in ``tests/conftest.py`` are thin wrappers around these. Everything
-here waits by readiness (a port that accepts, an HTTP answer), never by a fixed
-sleep, and every server it starts binds 127.0.0.1 on a free port, so parallel
-runs on one machine do not collide.
+The fixtures in ``tests/conftest.py`` are thin wrappers around these and their
+siblings (``peers_servers``: PostgreSQL and Redis; ``peers_orthanc``: Orthanc).
+Everything waits by readiness (a port that accepts, an HTTP answer), never by
+a fixed sleep, and every server started binds 127.0.0.1 on a free port, so
+parallel runs on one machine do not collide.
 """
 
 from __future__ import annotations
 
-import getpass
-import glob
-import json
 import os
-import pwd
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -57,7 +51,9 @@ def port_answers(host: str, port: int, timeout: float = 0.5) -> bool:
 
 def _check_alive(process: subprocess.Popen[Any] | None, what: str, log: Path | None) -> None:
     if process is not None and process.poll() is not None:
-        raise PeerStartError(f"{what} exited with status {process.returncode} before it was ready{_tail(log)}")
+        raise PeerStartError(
+            f"{what} exited with status {process.returncode} before it was ready{_tail(log)}"
+        )
 
 
 def wait_for_port(
@@ -189,7 +185,9 @@ def run_storescu(
     require_tool("storescu", "dcmtk")
     command = ["storescu", "-aet", calling_aet, "-aec", called_aet, *options, host, str(port)]
     command += [str(path) for path in files]
-    return subprocess.run(command, env=nodelay_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, check=False, env=nodelay_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 # -- pydicom's bundled test files ----------------------------------------------------------------
@@ -258,293 +256,3 @@ def _describe(path: Path, syntax: str) -> DicomTestFile | None:
         and int(ds.get("NumberOfFrames", 1) or 1) == 1
     )
     return DicomTestFile(path, syntax, str(ds.SOPClassUID)) if valid else None
-
-
-# -- PostgreSQL ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PostgresServer:
-    """A PostgreSQL server we may create databases on (trust authentication)."""
-
-    host: str
-    port: int
-    user: str
-    maintenance_db: str
-
-    def url(self, database: str) -> str:
-        """The SQLAlchemy URL of ``database`` on this server."""
-        return f"postgresql+psycopg2://{self.user}@{self.host}:{self.port}/{database}"
-
-    def _connect(self) -> Any:
-        import psycopg2
-
-        connection = psycopg2.connect(
-            host=self.host, port=self.port, user=self.user, dbname=self.maintenance_db, connect_timeout=5
-        )
-        connection.autocommit = True  # CREATE/DROP DATABASE cannot run in a transaction
-        return connection
-
-    def create_database(self) -> str:
-        """Create an empty database ``gvr_test_<random hex>`` and return its name."""
-        name = f"gvr_test_{secrets.token_hex(6)}"
-        connection = self._connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            connection.close()
-        return name
-
-    def drop_database(self, name: str) -> None:
-        """Terminate the connections left on ``name``, then drop it."""
-        if not name.startswith("gvr_test_"):
-            raise ValueError(f"refusing to drop {name!r}: only gvr_test_* databases are ours")
-        connection = self._connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = %s AND pid <> pg_backend_pid()", (name,),
-                )  # fmt: skip
-                force = " WITH (FORCE)" if connection.server_version >= 130000 else ""
-                cursor.execute(f'DROP DATABASE IF EXISTS "{name}"{force}')
-        finally:
-            connection.close()
-
-    def databases(self, prefix: str = "gvr_test_") -> list[str]:
-        """Names of the databases starting with ``prefix`` (to check nothing is left behind)."""
-        connection = self._connect()
-        try:
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (prefix + "%",))
-                return sorted(row[0] for row in cursor.fetchall())
-        finally:
-            connection.close()
-
-
-def find_postgres(host: str = LOOPBACK, port: int = 5432) -> PostgresServer | None:
-    """The server at host:port if it answers, as the OS user (db ``test``) or ``postgres``."""
-    import psycopg2
-
-    if not port_answers(host, port):
-        return None
-    for user, database in ((getpass.getuser(), "test"), ("postgres", "postgres"), (getpass.getuser(), "postgres")):
-        server = PostgresServer(host, port, user, database)
-        try:
-            server._connect().close()
-        except psycopg2.OperationalError:
-            continue
-        return server
-    return None
-
-
-class PrivatePostgres:
-    """A throw-away PostgreSQL cluster from Debian's binaries, on a free port, removed on stop.
-
-    As root it runs as the ``postgres`` user (``runuser``): the server refuses root.
-    Skips the test when the binaries are missing.
-    """
-
-    def __init__(self) -> None:
-        self.bindir = _postgres_bindir()
-        self.port = free_port()
-        self.datadir = Path(tempfile.mkdtemp(prefix="gvr-pg-"))  # /tmp: the postgres user can reach it
-        self._as_user: list[str] = []
-        if os.geteuid() == 0:
-            try:
-                account = pwd.getpwnam("postgres")
-            except KeyError:
-                shutil.rmtree(self.datadir)
-                pytest.skip("no postgres user to run a private server: apt-get install postgresql")
-            os.chown(self.datadir, account.pw_uid, account.pw_gid)
-            self._as_user = ["runuser", "-u", "postgres", "--"]
-
-    def _run(self, tool: str, *args: str) -> None:
-        command = [*self._as_user, str(self.bindir / tool), *args]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        if result.returncode != 0:
-            raise PeerStartError(f"{' '.join(command)} failed ({result.returncode}): {result.stderr.strip()}")
-
-    def start(self) -> PostgresServer:
-        self._run("initdb", "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync")
-        options = f"-p {self.port} -k {self.datadir} -c listen_addresses={LOOPBACK} -c fsync=off"
-        self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"), "-o", options,
-                  "-w", "-t", "60", "start")  # fmt: skip
-        wait_for_port(LOOPBACK, self.port, timeout=30)
-        return PostgresServer(LOOPBACK, self.port, "postgres", "postgres")
-
-    def stop(self) -> None:
-        try:
-            self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop")
-        finally:
-            shutil.rmtree(self.datadir, ignore_errors=True)
-
-
-def _postgres_bindir() -> Path:
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
-    on_path = shutil.which("initdb")
-    if candidates:
-        return Path(candidates[-1]).parent
-    if on_path:
-        return Path(on_path).parent
-    pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
-
-
-# -- Redis ----------------------------------------------------------------------------------------
-
-REDIS_CLAIM_KEY = "gvr-test:claimed-by"
-
-
-def redis_answers(host: str = LOOPBACK, port: int = 6379) -> bool:
-    """Whether a Redis server at host:port answers PING."""
-    import redis
-
-    try:
-        return bool(redis.Redis(host=host, port=port, socket_timeout=1, socket_connect_timeout=1).ping())
-    except redis.RedisError:
-        return False
-
-
-def claim_redis_db(host: str, port: int) -> tuple[int, str]:
-    """Claim an empty DB index (1..15) for this test: returns (index, token).
-
-    The claim is a marker key set with NX (one winner when parallel runs race)
-    and a one-hour expiry (a crashed run does not hold the index forever).
-    """
-    import redis
-
-    token = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    for index in range(1, 16):
-        client = redis.Redis(host=host, port=port, db=index)
-        if client.dbsize() == 0 and client.set(REDIS_CLAIM_KEY, token, nx=True, ex=3600):
-            return index, token
-    raise PeerStartError(f"no empty Redis DB among 1..15 on {host}:{port}; other test runs hold them all")
-
-
-def release_redis_db(host: str, port: int, index: int, token: str) -> None:
-    """Delete the keys the test left in its claimed DB (it was empty when claimed), then the marker.
-
-    Never FLUSHDB: if the marker shows another owner, nothing is touched.
-    """
-    import redis
-
-    client = redis.Redis(host=host, port=port, db=index)
-    owner = client.get(REDIS_CLAIM_KEY)
-    if owner is not None and owner.decode() != token:
-        return
-    keys = [key for key in client.scan_iter(count=500) if key != REDIS_CLAIM_KEY.encode()]
-    for start in range(0, len(keys), 500):
-        client.delete(*keys[start : start + 500])
-    client.delete(REDIS_CLAIM_KEY)
-
-
-def start_private_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """A ``redis-server`` on a free loopback port with no persistence; skips when missing."""
-    binary = require_tool("redis-server", "redis-server")
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "redis.log"
-    command = [binary, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no",
-               "--dir", str(workdir)]  # fmt: skip
-    process = start_process(command, log)
-    wait_for_port(LOOPBACK, port, timeout=20, process=process, log=log)
-    return process, port
-
-
-# -- Orthanc (the PACS in tests) -----------------------------------------------------------------
-
-
-class Orthanc:
-    """A private Orthanc: own config and storage under ``root``, free DICOM and HTTP ports.
-
-    Never ``/etc/orthanc`` (Debian merges every JSON there). Talks REST with
-    urllib. ``start()`` skips when Orthanc is not installed.
-    """
-
-    def __init__(self, root: Path, aet: str = "ORTHANC") -> None:
-        self.root = root
-        self.aet = aet
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        while self.http_port == self.dicom_port:
-            self.http_port = free_port()
-        self.url = f"http://{LOOPBACK}:{self.http_port}"
-        self.log = root / "orthanc.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "Name": f"gvr-test-{self.aet}",
-            "DicomAet": self.aet,
-            "DicomPort": self.dicom_port,
-            "HttpPort": self.http_port,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "StorageDirectory": str(self.root / "storage"),
-            "IndexDirectory": str(self.root / "storage"),
-            "DicomAlwaysAllowStore": True,
-            "StableAge": 5,
-            "DicomModalities": {},
-            "SaveJobs": False,
-        }
-
-    def start(self, timeout: float = 30.0) -> Orthanc:
-        binary = require_tool("Orthanc", "orthanc")
-        self.root.mkdir(parents=True, exist_ok=True)
-        config_path = self.root / "config.json"
-        config_path.write_text(json.dumps(self.config(), indent=2))
-        self.process = start_process([binary, str(config_path)], self.log, env=nodelay_env())
-        wait_for_http(f"{self.url}/system", timeout, process=self.process, log=self.log)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask Orthanc to shut down, wait for the PID (its index stays locked until then), kill after."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            self.request("POST", "/tools/shutdown", b"")
-        except (urllib.error.URLError, OSError):
-            self.process.terminate()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout)
-
-    def request(self, method: str, path: str, body: bytes | dict[str, Any] | None = None) -> Any:
-        """One REST call; JSON bodies are encoded, JSON answers decoded (else the raw bytes)."""
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(request, timeout=60) as response:
-            payload = response.read()
-            if "json" in response.headers.get("Content-Type", ""):
-                return json.loads(payload) if payload else None
-            return payload
-
-    def add_modality(self, name: str, aet: str, host: str, port: int) -> None:
-        """Declare a DICOM peer at run time (``PUT /modalities/<name>``)."""
-        self.request("PUT", f"/modalities/{name}", {"AET": aet, "Host": host, "Port": port})
-
-    def upload(self, path: Path) -> dict[str, Any]:
-        """Store a DICOM file through REST; Orthanc's answer holds ``ID`` and ``ParentStudy``."""
-        answer: dict[str, Any] = self.request("POST", "/instances", path.read_bytes())
-        return answer
-
-    def store_to(self, modality: str, resource_ids: Sequence[str]) -> dict[str, Any]:
-        """C-STORE resources to a declared modality, waiting for the transfer to finish."""
-        body = {"Resources": list(resource_ids), "Synchronous": True}
-        answer: dict[str, Any] = self.request("POST", f"/modalities/{modality}/store", body)
-        return answer
-
-    def find_instances(self) -> list[str]:
-        """Orthanc ids of every stored instance."""
-        return list(self.request("GET", "/instances"))
-
-    def instance_tags(self, instance_id: str) -> dict[str, Any]:
-        """An instance's tags by keyword (``simplified-tags``)."""
-        return dict(self.request("GET", f"/instances/{instance_id}/simplified-tags"))
-
-    def studies(self) -> list[str]:
-        """Orthanc ids of every study."""
-        return list(self.request("GET", "/studies"))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.audit.models import Association, Event, Instance, InstanceStatus, Job, Study
@@ -85,7 +85,9 @@ def collect(session: Session, query: AuditQuery) -> AuditReport:
     if query.job_id is not None:
         job = session.get(Job, query.job_id)
         if job is None:
-            raise UnknownJobError(f"no job {query.job_id!r} in the audit database; `gvr audit` lists recent jobs")
+            raise UnknownJobError(
+                f"no job {query.job_id!r} in the audit database; `gvr audit` lists recent jobs"
+            )
         if study_uid is not None and study_uid != job.study.study_uid:
             raise ValueError(f"job {query.job_id!r} belongs to another study than {study_uid!r}")
         study_uid = job.study.study_uid
@@ -99,9 +101,7 @@ def collect(session: Session, query: AuditQuery) -> AuditReport:
 
 def _associations(session: Session, limit: int, study_uid: str | None) -> list[dict[str, Any]]:
     counts = (
-        select(Instance.association_id, func.count().label("n"))
-        .group_by(Instance.association_id)
-        .subquery()
+        select(Instance.association_id, func.count().label("n")).group_by(Instance.association_id).subquery()
     )
     statement = (
         select(Association, func.coalesce(counts.c.n, 0))
@@ -124,9 +124,7 @@ def _associations(session: Session, limit: int, study_uid: str | None) -> list[d
 
 
 def _studies(session: Session, limit: int, study_uid: str | None) -> list[dict[str, Any]]:
-    statement: Select[tuple[Study]] = (
-        select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)
-    )
+    statement = select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(limit)
     if study_uid is not None:
         statement = statement.where(Study.study_uid == study_uid)
     studies = list(session.scalars(statement))
@@ -154,6 +152,8 @@ def _instance_counts(session: Session, study_uids: Sequence[str]) -> dict[str, d
     )
     counts: dict[str, dict[str, int]] = {}
     for uid, status, count in session.execute(statement):
+        if uid is None:
+            continue
         counts.setdefault(uid, {})[InstanceStatus(status).value] = int(count)
     return counts
 

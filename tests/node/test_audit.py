@@ -64,8 +64,13 @@ def _seed(url: str) -> None:
                 calling_ae="STORESCU", called_ae="GVRNODE", peer_ip="127.0.0.1", peer_port=50123,
                 started_at=T0, ended_at=T0 + timedelta(seconds=2), outcome=AssociationOutcome.RELEASED,
             )  # fmt: skip
-            study = Study(study_uid=STUDY_UID, state=StudyState.ASSEMBLED, first_received_at=T0,
-                          last_received_at=T0 + timedelta(seconds=1), assembled_at=T0 + timedelta(seconds=7))
+            study = Study(
+                study_uid=STUDY_UID,
+                state=StudyState.ASSEMBLED,
+                first_received_at=T0,
+                last_received_at=T0 + timedelta(seconds=1),
+                assembled_at=T0 + timedelta(seconds=7),
+            )
             other = Study(study_uid=OTHER_STUDY_UID, state=StudyState.NO_ELIGIBLE, first_received_at=T0,
                           last_received_at=T0, reason="no frontal chest radiograph")  # fmt: skip
             session.add_all([association, study, other])
@@ -81,8 +86,10 @@ def _seed(url: str) -> None:
                             worker="gpu-host-1:4242", created_at=T0 + timedelta(seconds=7),
                             error="CUDA out of memory after 3 attempts"))  # fmt: skip
             add_event(session, "study.assembled", ("study", STUDY_UID), "test:1:scp", "study assembled")
-            add_event(session, "job.failed", ("job", JOB_ID), "test:1:worker", "gave up after 3 attempts",
-                      {"attempt": 3, "PatientName": PATIENT_NAME, "nested": {"patient_id": "X1"}})  # fmt: skip
+            details = {"attempt": 3, "PatientName": PATIENT_NAME, "nested": {"patient_id": "X1"}}
+            add_event(
+                session, "job.failed", ("job", JOB_ID), "test:1:worker", "gave up after 3 attempts", details
+            )
             add_event(session, "study.no_eligible", ("study", OTHER_STUDY_UID), "test:1:scp", "nothing to do")
     finally:
         audit.dispose()
@@ -114,7 +121,9 @@ def test_instances_unique_accepted_sop_allows_duplicate_rows(audit_db_url: str) 
         with pytest.raises(IntegrityError), audit.session() as session:
             session.add(_instance(InstanceStatus.ACCEPTED, "1.2.3.4"))
         with audit.session() as session:
-            statuses = sorted(session.scalars(select(Instance.status).where(Instance.sop_instance_uid == "1.2.3.4")))
+            statuses = sorted(
+                session.scalars(select(Instance.status).where(Instance.sop_instance_uid == "1.2.3.4"))
+            )
         assert statuses == ["accepted", "duplicate", "rejected"]
     finally:
         audit.dispose()
@@ -152,7 +161,9 @@ def test_db_upgrade_idempotent_and_current_reports_head(
     assert capsys.readouterr().out.strip() == f"{head_revision(audit_db_url)} (head)"
 
 
-def test_db_current_missing_sqlite_file_not_created(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_db_current_missing_sqlite_file_not_created(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Asking for the revision of a database that does not exist yet leaves no file behind."""
     assert db_cmd.main(["current"]) == 0
     assert "empty database" in capsys.readouterr().out
@@ -187,7 +198,12 @@ def test_audit_json_lists_inserted_rows_without_patient_names(
     study = next(s for s in report["studies"] if s["study_uid"] == STUDY_UID)
     assert (study["accepted"], study["duplicate"], study["rejected"]) == (2, 1, 1)
     (job,) = report["jobs"]
-    assert (job["id"], job["state"], job["attempts"], job["worker"]) == (JOB_ID, "FAILED", 3, "gpu-host-1:4242")
+    assert (job["id"], job["state"], job["attempts"], job["worker"]) == (
+        JOB_ID,
+        "FAILED",
+        3,
+        "gpu-host-1:4242",
+    )
     assert "CUDA out of memory" in job["error"]
     assert [e["kind"] for e in report["events"]] == ["study.no_eligible", "job.failed", "study.assembled"]
     failed = report["events"][1]
@@ -195,7 +211,9 @@ def test_audit_json_lists_inserted_rows_without_patient_names(
     assert PATIENT_NAME not in out and "X1" not in out
 
 
-def test_audit_tables_align_and_show_inserted_rows(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_tables_align_and_show_inserted_rows(
+    clean_env: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The default output: four titled tables, header underlined, seeded values in their columns."""
     url = f"sqlite:///{clean_env / 'audit.sqlite3'}"
     upgrade(url)
@@ -246,7 +264,9 @@ def test_audit_console_entry_point_runs(clean_env: Path) -> None:
     env = {**os.environ, "GVR_DATA_DIR": str(clean_env)}
     subprocess.run([str(gvr), "db", "upgrade"], env=env, check=True, capture_output=True, timeout=60)
     _seed(f"sqlite:///{clean_env / 'audit.sqlite3'}")
-    result = subprocess.run([str(gvr), "audit", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(gvr), "audit", "--json"], check=False, env=env, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["jobs"][0]["id"] == JOB_ID
 

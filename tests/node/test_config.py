@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from node.config import Peer, Settings, load_settings
+from node.config import Peer, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +20,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name)
 
 
-def test_settings_defaults_are_safe_without_any_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_defaults_are_safe_without_any_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """With nothing set: loopback, port 11112, embedded SQLite under the data folder, no TLS."""
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
@@ -55,7 +58,9 @@ def test_settings_toml_via_gvr_config_and_env_wins(tmp_path: Path, monkeypatch: 
     assert load_settings().port == 6000
 
 
-def test_settings_config_argument_wins_over_gvr_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_config_argument_wins_over_gvr_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``load_settings(path)`` reads that file, not GVR_CONFIG's, and restores GVR_CONFIG after."""
     (tmp_path / "a.toml").write_text("port = 1111\n")
     (tmp_path / "b.toml").write_text("port = 2222\n")
@@ -70,14 +75,20 @@ def test_settings_config_argument_wins_over_gvr_config(tmp_path: Path, monkeypat
     "value",
     ["STORESCU,ORTHANC", "STORESCU, ORTHANC", "STORESCU ORTHANC", '["STORESCU", "ORTHANC"]'],
 )
-def test_settings_allowed_calling_aets_comma_space_or_json(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_allowed_calling_aets_comma_space_or_json(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Calling AE lists accept commas, spaces or a JSON list."""
     monkeypatch.setenv("GVR_ALLOWED_CALLING_AETS", value)
     assert load_settings().allowed_calling_aets == ["STORESCU", "ORTHANC"]
 
 
 @pytest.mark.parametrize(
-    "value", ["ORTHANC@127.0.0.1:4242,PACS@pacs.example.org:104", '["ORTHANC@127.0.0.1:4242", "PACS@pacs.example.org:104"]']
+    "value",
+    [
+        "ORTHANC@127.0.0.1:4242,PACS@pacs.example.org:104",
+        '["ORTHANC@127.0.0.1:4242", "PACS@pacs.example.org:104"]',
+    ],
 )
 def test_settings_destinations_parse_ae_at_host_port(value: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Destinations are AE@host:port, as a comma list or a JSON list."""
@@ -121,10 +132,10 @@ def test_settings_invalid_value_names_the_setting(
         ({"tls_ca": "ca.pem"}, "tls_ca needs tls_cert and tls_key"),
     ],
 )
-def test_settings_tls_half_pair_refused(values: dict[str, str], message: str) -> None:
+def test_settings_tls_half_pair_refused(values: dict[str, Any], message: str) -> None:
     """A certificate without its key (or a CA without both) is refused, naming the TLS settings."""
     with pytest.raises(ValidationError, match=message):
-        load_settings(**values)
+        load_settings(None, **values)
 
 
 def test_settings_tls_full_pair_enables_tls() -> None:
@@ -143,6 +154,6 @@ def test_settings_unknown_key_in_toml_refused(tmp_path: Path) -> None:
 
 def test_settings_frozen_after_load() -> None:
     """Settings are built once and never changed in place."""
-    settings = Settings()
+    settings = load_settings()
     with pytest.raises(ValidationError):
-        settings.port = 1  # type: ignore[misc]
+        settings.port = 1
