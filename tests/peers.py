@@ -73,15 +73,21 @@ def wait_for_port(
         time.sleep(0.05)
 
 
+def direct_opener() -> urllib.request.OpenerDirector:
+    """A urllib opener that ignores ``http_proxy``: test servers are on loopback, never behind a proxy."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def wait_for_http(
     url: str, timeout: float = 30.0, process: subprocess.Popen[Any] | None = None, log: Path | None = None
 ) -> bytes:
     """Poll ``GET url`` until it answers 2xx; returns the body. Raises like ``wait_for_port``."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
+    opener = direct_opener()
     while time.monotonic() <= deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with opener.open(url, timeout=2) as response:
                 return bytes(response.read())
         except (urllib.error.URLError, OSError) as exc:  # refused, reset, 5xx while starting
             last = exc

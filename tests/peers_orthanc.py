@@ -10,7 +10,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.peers import LOOPBACK, free_port, nodelay_env, require_tool, start_process, wait_for_http
+from tests.peers import (
+    LOOPBACK,
+    direct_opener,
+    free_port,
+    nodelay_env,
+    require_tool,
+    start_process,
+    wait_for_http,
+)
 
 # -- Orthanc (the PACS in tests) -----------------------------------------------------------------
 
@@ -32,6 +40,7 @@ class Orthanc:
         self.url = f"http://{LOOPBACK}:{self.http_port}"
         self.log = root / "orthanc.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self._opener = direct_opener()
 
     def config(self) -> dict[str, Any]:
         return {
@@ -76,7 +85,7 @@ class Orthanc:
         """One REST call; JSON bodies are encoded, JSON answers decoded (else the raw bytes)."""
         data = json.dumps(body).encode() if isinstance(body, dict) else body
         request = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(request, timeout=60) as response:
+        with self._opener.open(request, timeout=60) as response:
             payload = response.read()
             if "json" in response.headers.get("Content-Type", ""):
                 return json.loads(payload) if payload else None

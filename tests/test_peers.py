@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -89,10 +88,7 @@ def test_redis_url_answers_and_holds_only_the_marker(redis_url: str) -> None:
 
 def test_orthanc_fixture_answers_rest(orthanc: Orthanc) -> None:
     """Orthanc starts on its free ports with our config and answers /system."""
-    with urllib.request.urlopen(f"{orthanc.url}/system", timeout=5) as response:
-        import json
-
-        system = json.loads(response.read())
+    system = orthanc.request("GET", "/system")
     assert system["DicomAet"] == "ORTHANC"
     assert system["DicomPort"] == orthanc.dicom_port
     assert orthanc.studies() == []
