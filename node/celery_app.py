@@ -26,6 +26,9 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     app = Celery("gvr", broker=broker, include=list(include), set_as_current=False)
     app.conf.update(_conf(settings))
+    if broker.startswith(("redis://", "rediss://")):
+        # Redis redelivers an unacknowledged job after this; keep it above the longest job.
+        app.conf.broker_transport_options = {"visibility_timeout": 3600}
     return app
 
 
@@ -40,8 +43,6 @@ def _conf(settings: Settings) -> dict[str, Any]:
         "task_routes": {TASK_ANALYZE: {"queue": QUEUE_GPU}, TASK_DELIVER: {"queue": QUEUE_DICOM}},
         "task_default_queue": QUEUE_GPU,
         "broker_connection_retry_on_startup": True,
-        # Redis redelivers an unacknowledged job after this; keep it above the longest job.
-        "broker_transport_options": {"visibility_timeout": 3600},
         "worker_hijack_root_logger": False,
     }
 

@@ -203,3 +203,13 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             else:
                 os.environ[ENV_PREFIX + "CONFIG"] = previous
     return Settings(**overrides)
+
+
+def settings_table() -> str:
+    """The README's table of every setting, generated so the two cannot drift apart."""
+    rows = ["| setting | environment variable | default | what it does |", "| --- | --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "—" if default in (None, [], "") else f"`{default}`"
+        rows.append(f"| `{name}` | `{ENV_PREFIX}{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(rows)

@@ -172,6 +172,20 @@ def test_node_redis_broker_one_message_per_complete_study(node_factory: Any, red
     client.delete("gpu")
 
 
+def test_node_default_broker_takes_the_job(node_factory: Any, tmp_path: Path) -> None:
+    """On the embedded default (SQLite broker, no server) a complete study's job reaches the queue."""
+    import sqlite3
+
+    node = node_factory().start()
+    study_uid, paths = write_study(tmp_path / "s", 1)
+    assert all(r.ok for r in send_files([FileToSend.read(p) for p in paths], node.peer, "GVRSCU"))
+    _wait_for(lambda: _jobs_for(node.audit(), study_uid), 20, "a job")
+    _wait_for(lambda: _jobs_for(node.audit(), study_uid)[0].enqueued_at, 10, "the job on the SQLite broker")
+    with sqlite3.connect(node.data_dir / "broker.sqlite3") as broker:
+        payloads = [row[0] for row in broker.execute("select payload from kombu_message")]
+    assert len(payloads) == 1 and "inference.analyze_study" in payloads[0]
+
+
 def test_node_postgresql_audit_db(node_factory: Any, postgres_url: str, tmp_path: Path) -> None:
     """The node runs on PostgreSQL: instances audited, study assembled into a job."""
     node = node_factory(database_url=postgres_url).start()

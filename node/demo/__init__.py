@@ -1,0 +1,1 @@
+"""``gvr demo``: the whole product on one machine, with nothing to install."""
