@@ -1,0 +1,205 @@
+"""From a job's artefacts to DICOM files in the spool outbox, ready for C-STORE.
+
+``build_results`` reads ``result.json`` and the arrays the inference worker
+left (``node.artefacts``) and returns, per source image, the overlay SC, the
+side-by-side SC (when a healthy image exists), the cine SC (when a cine
+exists) and the SR, in the order they should be sent (pictures before the
+report that references them). ``write_outbox`` writes them atomically and
+durably, then a manifest last: its presence means the outbox is complete.
+UIDs are deterministic (``uids``), so building twice gives the same objects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from node.artefacts import ImageResult, JobResult, load_array, read_job_result
+from node.results import overlay, uids
+from node.results.secondary_capture import (
+    AlgorithmEquipment,
+    ResultIdentity,
+    cine_sc,
+    overlay_sc,
+    side_by_side_sc,
+)
+from node.results.structured_report import ReportInputs, build_report
+from node.results.uids import ObjectKind, SeriesKind
+from node.spool import Spool, uid_to_filename
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+# series kind -> (Series Number, Series Description); high numbers sort after the acquired series
+SERIES: dict[SeriesKind, tuple[int, str]] = {
+    SeriesKind.RATIONALE: (9001, "GVR rationale"),
+    SeriesKind.CINE: (9002, "GVR rationale cine"),
+    SeriesKind.REPORT: (9003, "GVR report"),
+}
+
+
+class ResultBuildError(ValueError):
+    """The job's artefacts or source image cannot make result objects (retrying will not help)."""
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    """One built object as the manifest lists it."""
+
+    file: str
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax: str
+    source_sop_instance_uid: str
+
+
+def _identity(
+    study_uid: str, source_uid: str, version: str, kind: ObjectKind, series: SeriesKind, number: int
+) -> ResultIdentity:
+    series_number, description = SERIES[series]
+    return ResultIdentity(
+        series_instance_uid=uids.series_uid(study_uid, version, series),
+        series_number=series_number,
+        series_description=description,
+        sop_instance_uid=uids.instance_uid(source_uid, version, kind),
+        instance_number=number,
+    )
+
+
+def _read_source(image: ImageResult) -> Dataset:
+    try:
+        ds = pydicom.dcmread(image.source_path)
+    except (OSError, InvalidDicomError) as error:
+        raise ResultBuildError(
+            f"cannot read source {image.source_path} of image {image.key}: {error}"
+        ) from error
+    if str(ds.get("SOPInstanceUID", "")) != image.source_sop_instance_uid:
+        raise ResultBuildError(
+            f"{image.source_path} holds SOP instance {ds.get('SOPInstanceUID')}, "
+            f"not {image.source_sop_instance_uid} named in the job result"
+        )
+    return ds
+
+
+def _optional_array(results_root: Path, job_id: str, key: str, name: str) -> np.ndarray | None:
+    try:
+        return load_array(results_root, job_id, key, name)
+    except FileNotFoundError:
+        return None
+
+
+def build_for_image(result: JobResult, index: int, results_root: Path) -> list[Dataset]:
+    """The result objects of the ``index``-th image (0-based) of a job, pictures first."""
+    image, model = result.images[index], result.model
+    source = _read_source(image)
+    base = overlay.display_image(source)
+    caption = overlay.Caption.for_image(model, image)
+    equipment = AlgorithmEquipment(model.name, model.version)
+    study, version, number = str(source.StudyInstanceUID), model.version, index + 1
+
+    def identity(kind: ObjectKind, series: SeriesKind, instance_number: int) -> ResultIdentity:
+        return _identity(study, image.source_sop_instance_uid, version, kind, series, instance_number)
+
+    rationale = _optional_array(results_root, result.job_id, image.key, "rationale")
+    if rationale is None:
+        raise ResultBuildError(
+            f"job {result.job_id} image {image.key} has no rationale.npy: nothing to overlay"
+        )
+    pictures = [overlay_sc(source, overlay.render_overlay(base, rationale.astype(np.float32), caption),
+                           identity(ObjectKind.OVERLAY, SeriesKind.RATIONALE, 2 * number - 1), equipment)]  # fmt: skip
+    healthy = _optional_array(results_root, result.job_id, image.key, "healthy")
+    if healthy is not None:
+        pixels = overlay.render_side_by_side(base, healthy.astype(np.float32), caption)
+        pictures.append(side_by_side_sc(source, pixels, identity(ObjectKind.SIDE_BY_SIDE, SeriesKind.RATIONALE,
+                                                                  2 * number), equipment))  # fmt: skip
+    cine = _optional_array(results_root, result.job_id, image.key, "cine")
+    if cine is not None:
+        frames = overlay.render_cine(cine.astype(np.float32), caption)
+        pictures.append(
+            cine_sc(source, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment)
+        )
+    report = build_report(ReportInputs(source, image, model, tuple(pictures)),
+                          identity(ObjectKind.REPORT, SeriesKind.REPORT, number))  # fmt: skip
+    return [*pictures, report]
+
+
+def build_results(results_root: Path, job_id: str) -> list[Dataset]:
+    """Every result object of a job, in sending order. Raises ResultBuildError, FileNotFoundError."""
+    result = read_job_result(results_root, job_id)
+    datasets: list[Dataset] = []
+    for index in range(len(result.images)):
+        datasets.extend(build_for_image(result, index, results_root))
+    log.info("job %s: built %d result objects", job_id, len(datasets))
+    return datasets
+
+
+def _kind_of(ds: Dataset) -> str:
+    sop_class = str(ds.SOPClassUID)
+    if sop_class.startswith("1.2.840.10008.5.1.4.1.1.88."):
+        return ObjectKind.REPORT.value
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        return ObjectKind.CINE.value
+    return (
+        ObjectKind.OVERLAY.value if ds.PhotometricInterpretation == "RGB" else ObjectKind.SIDE_BY_SIDE.value
+    )
+
+
+def _source_of(ds: Dataset) -> str:
+    if "SourceImageSequence" in ds:
+        return str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
+    return str(evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+
+
+def encode(ds: Dataset) -> bytes:
+    """The dataset as a DICOM file (preamble, file meta) in bytes."""
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def write_outbox(spool: Spool, job_id: str, datasets: list[Dataset]) -> list[OutboxEntry]:
+    """Write each object as ``outbox/<job>/<SOPInstanceUID>.dcm``, then ``manifest.json`` last."""
+    folder = spool.outbox / uid_to_filename(job_id)
+    entries = []
+    for ds in datasets:
+        name = f"{uid_to_filename(str(ds.SOPInstanceUID))}.dcm"
+        spool.store(encode(ds), folder / name, replace=True)
+        entries.append(OutboxEntry(name, _kind_of(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                   str(ds.file_meta.TransferSyntaxUID), _source_of(ds)))  # fmt: skip
+    manifest = {"job_id": job_id, "objects": [entry.__dict__ for entry in entries]}
+    spool.store(json.dumps(manifest, indent=2).encode(), folder / MANIFEST, replace=True)
+    return entries
+
+
+def read_outbox(spool: Spool, job_id: str) -> list[OutboxEntry] | None:
+    """The manifest's entries when the outbox is complete (manifest and every file present), else None."""
+    folder = spool.outbox / uid_to_filename(job_id)
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    entries = [OutboxEntry(**item) for item in data["objects"]]
+    if not all((folder / entry.file).is_file() for entry in entries):
+        return None
+    return entries
+
+
+def outbox_path(spool: Spool, job_id: str, entry: OutboxEntry) -> Path:
+    return spool.outbox / uid_to_filename(job_id) / entry.file
+
+
+def prepare_outbox(spool: Spool, job_id: str) -> list[OutboxEntry]:
+    """The job's outbox, built from its artefacts unless a complete one is already there."""
+    entries = read_outbox(spool, job_id)
+    if entries is None:
+        entries = write_outbox(spool, job_id, build_results(spool.results, job_id))
+    return entries
