@@ -108,6 +108,10 @@ class Settings(BaseSettings):
     )
     bundle_dir: Path | None = Field(None, description="model bundle; default the demo bundle shipped")
     device: str = Field("cpu", description="cpu or cuda for the inference worker")
+    # -- monitoring (issue 6)
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port of the node, on bind_address; 0 turns it off"
+    )
 
     @field_validator("ae_title")
     @classmethod

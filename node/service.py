@@ -10,7 +10,7 @@ from node.audit.db import AuditDB, actor_name
 from node.audit.migrate import upgrade
 from node.celery_app import enqueue_analysis, make_celery
 from node.config import Settings
-from node.ingest import Ingestor
+from node.metrics import CountingIngestor, NodeMetrics
 from node.scp import AssociationLog, StorageSCP
 from node.spool import Spool
 
@@ -27,14 +27,17 @@ class NodeService:
         self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 1024 * 1024)
         self.celery = make_celery(settings)
         actor = actor_name("node")
+        # issue 6: counters bumped per C-STORE (in memory), DB figures read only when scraped
+        self.metrics = NodeMetrics(self.audit)
         self.assembler = Assembler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job), actor)
         self.scp = StorageSCP(
             settings,
-            Ingestor(self.spool, self.audit, actor),
+            CountingIngestor(self.spool, self.audit, actor, self.metrics),
             AssociationLog(self.audit, actor),
             on_release=self.assembler.mark_released,
         )
         self.port: int | None = None
+        self.metrics_port: int | None = None
 
     def start(self) -> int:
         removed = self.spool.clear_partial_writes()
@@ -42,11 +45,14 @@ class NodeService:
             log.info("removed %d partial write(s) left by an earlier crash", removed)
         self.port = self.scp.start()
         self.assembler.start()
+        if self.settings.metrics_port:  # issue 6: a failure to bind is logged, never fatal
+            self.metrics_port = self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         return self.port
 
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
+        self.metrics.stop()
         self.audit.dispose()
 
     def run_until(self, stop: threading.Event) -> None:
