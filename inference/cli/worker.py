@@ -1,0 +1,105 @@
+"""``gvr worker``: a Celery worker for the ``gpu`` queue (and ``dicom``, when delivery is installed).
+
+A thin wrapper over ``celery worker``: it builds the app from the node's settings,
+includes the task modules this install has, and passes the pool options through.
+One job at a time per device is the default: a GPU (or this CPU) is saturated by
+one batch. Options that settings also hold (``--device``, ``--bundle``,
+``--config``) are exported as ``GVR_*`` variables, so a forked pool process that
+re-reads the settings sees the same values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.cli.common import setup_logging
+
+log = logging.getLogger("gvr.worker")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gvr worker",
+        description="Run a Celery worker: queue gpu runs inference.analyze_study, queue dicom "
+        "node.deliver_results. Settings come from GVR_* variables and the optional TOML file.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML settings file (exported as GVR_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    worker = parser.add_argument_group("worker")
+    worker.add_argument("--queues", "-Q", default="gpu", help="comma-separated queues to consume: gpu, dicom")
+    worker.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="device for the models (exported as GVR_DEVICE); default: the settings' device")
+    worker.add_argument("--bundle", type=Path, default=None,
+                        help="model bundle folder (exported as GVR_BUNDLE_DIR); default: settings, else the demo")
+    worker.add_argument("--concurrency", "-c", type=int, default=1, help="pool processes (1 per device)")
+    worker.add_argument("--pool", choices=("prefork", "solo", "threads"), default="prefork",
+                        help="solo runs jobs in the worker process itself (no fork)")
+    worker.add_argument("--hostname", "-n", default=f"gvr-worker-{os.getpid()}@{socket.gethostname()}",
+                        help="Celery node name")
+    worker.add_argument("--visibility-timeout", type=float, default=None,
+                        help="Redis only: seconds before an unacknowledged job goes to another worker "
+                        "(default 3600; keep it above the longest job)")
+    rationale = parser.add_argument_group("rationale (defaults: inference.rationale.RationaleConfig)")
+    rationale.add_argument("--max-steps", type=int, default=None, help="latent optimisation steps at most")
+    rationale.add_argument("--target", type=float, default=None,
+                           help="stop below this probability (default: half the decision threshold)")
+    rationale.add_argument("--weight", type=float, default=None, help="lambda: weight of the image distance")
+    return parser
+
+
+def _export_settings(args: argparse.Namespace) -> None:
+    """Put the options that are settings into the environment every pool process inherits."""
+    for name, value in (("GVR_CONFIG", args.config), ("GVR_DEVICE", args.device), ("GVR_BUNDLE_DIR", args.bundle)):
+        if value is not None:
+            os.environ[name] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+
+
+def _rationale_options(args: argparse.Namespace) -> dict[str, object]:
+    chosen = {"max_steps": args.max_steps, "target": args.target, "weight": args.weight}
+    return {name: value for name, value in chosen.items() if value is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    if args.concurrency < 1:
+        log.error("--concurrency must be >= 1, got %d", args.concurrency)
+        return 2
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    if not queues or any(q not in ("gpu", "dicom") for q in queues):
+        log.error("--queues must name gpu and/or dicom, got %r", args.queues)
+        return 2
+    _export_settings(args)
+    from node.config import load_settings
+
+    try:
+        settings = load_settings()
+        from inference.rationale import RationaleConfig
+
+        rationale = _rationale_options(args)
+        RationaleConfig(**rationale)  # type: ignore[arg-type]
+    except (ValidationError, ValueError, FileNotFoundError) as error:
+        log.error("invalid settings: %s", error)
+        return 2
+    from inference.worker_app import available_task_modules, make_worker_app, requeue_orphaned_jobs
+
+    app = make_worker_app(settings, args.visibility_timeout, rationale)
+    if "gpu" in queues:
+        try:
+            requeue_orphaned_jobs(settings, app)
+        except SQLAlchemyError as error:
+            log.warning("could not look for jobs orphaned by a dead worker: %s", error)
+    log.info("worker %s: queues %s, pool %s x%d, device %s, tasks from %s", args.hostname, ",".join(queues),
+             args.pool, args.concurrency, settings.device, ", ".join(available_task_modules()))
+    app.worker_main(["worker", "--queues", ",".join(queues), "--pool", args.pool, "--concurrency",
+                     str(args.concurrency), "--hostname", args.hostname,
+                     "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-gossip", "--without-mingle"])
+    return 0

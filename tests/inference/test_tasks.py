@@ -1,0 +1,251 @@
+"""inference.analyze_study: in-process idempotence and failures, then in a real worker process.
+
+The worker tests start ``gvr worker --pool solo`` as a subprocess against the
+server-less broker (kombu's SQLAlchemy transport on SQLite) and against Redis,
+and wait for the audit DB to say the job is done. The kill tests SIGKILL the
+worker while the job is RUNNING (a slow rationale config makes sure it is) and
+start a second one: on Redis the job comes back after the visibility timeout
+(``--visibility-timeout 3``); on SQLite the second worker finds the job RUNNING
+under a dead pid of this host and queues it again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from inference.bundle import Bundle
+from inference.tasks import WorkerContext, run_analysis
+from node.artefacts import ARRAY_NAMES, load_array, read_job_result
+from node.audit.db import AuditDB
+from node.audit.models import Event, Job, JobState
+from node.celery_app import QUEUE_DICOM, enqueue_analysis, make_celery
+from node.config import Settings, load_settings
+from node.spool import Spool
+from tests.factories import make_image
+from tests.inference.jobs import create_job, spool_phantoms
+from tests.peers import log_tail, start_process, stop_process
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SLOW = ["--max-steps", "100000", "--target", "0.000001", "--weight", "0"]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for name in list(os.environ):
+        if name.startswith("GVR_"):
+            monkeypatch.delenv(name)
+    return load_settings(data_dir=tmp_path / "data", bundle_dir=tiny_bundle_dir)
+
+
+@pytest.fixture
+def context(settings: Settings, tiny_bundle: Bundle) -> Iterator[WorkerContext]:
+    ctx = WorkerContext(settings, AuditDB(settings.audit_url), Spool(settings.spool_dir), tiny_bundle, "test:1:worker")
+    yield ctx
+    ctx.audit.dispose()
+
+
+def _job(settings: Settings, seeds: list[int], extra_paths: list[Path] = ()) -> str:
+    spool = Spool(settings.spool_dir)
+    return create_job(settings.audit_url, spool, spool_phantoms(spool, seeds), list(extra_paths))
+
+
+def _events(audit: AuditDB, job_id: str) -> list[str]:
+    with audit.session() as session:
+        return list(session.scalars(select(Event.kind).where(Event.subject_id == job_id).order_by(Event.id)))
+
+
+def test_run_analysis_writes_artefacts_and_marks_inferred(settings: Settings, context: WorkerContext) -> None:
+    """RUNNING then INFERRED with timings, model, summary; arrays on the source grid; delivery sent once."""
+    job_id = _job(settings, [1, 2])
+    sent: list[str] = []
+    assert run_analysis(context, job_id, sent.append) == "inferred"
+    assert sent == [job_id]
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.INFERRED and job.attempts == 1
+        assert job.started_at and job.finished_at and job.device == "cpu" and job.model_version == "tiny-0.0.1"
+        assert job.result is not None and len(job.result["images"]) == 2
+    result = read_job_result(context.spool.results, job_id)
+    assert len(result.images) == 2 and result.model.version == "0.0.1"
+    for image in result.images:
+        for name in ("rationale", "healthy", "reconstruction"):
+            assert load_array(context.spool.results, job_id, image.key, name).shape == (96, 96)
+        assert load_array(context.spool.results, job_id, image.key, "cine").shape[1:] == (32, 32)
+    assert _events(context.audit, job_id) == ["job.running", "job.inferred"]
+
+
+def test_run_analysis_rerun_is_idempotent(settings: Settings, context: WorkerContext) -> None:
+    """INFERRED: not recomputed, delivery re-sent; a redelivered RUNNING job writes identical arrays."""
+    job_id = _job(settings, [3])
+    sent: list[str] = []
+    run_analysis(context, job_id, sent.append)
+    key = read_job_result(context.spool.results, job_id).images[0].key
+    first = {name: load_array(context.spool.results, job_id, key, name) for name in ARRAY_NAMES}
+    assert run_analysis(context, job_id, sent.append) == "already inferred"
+    assert sent == [job_id, job_id]
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state = JobState.RUNNING  # as if the worker died after writing, before committing
+    assert run_analysis(context, job_id, sent.append) == "inferred"
+    for name in ARRAY_NAMES:
+        np.testing.assert_array_equal(load_array(context.spool.results, job_id, key, name), first[name])
+    assert sorted(p.name for p in (context.spool.results / job_id).iterdir()) == sorted([key, "result.json"])
+
+
+def test_run_analysis_skips_unusable_and_fails_without_usable(settings: Settings, context: WorkerContext,
+                                                              tmp_path: Path) -> None:
+    """A too-small image and a missing file beside a good one: two image.unusable events, job INFERRED."""
+    small = tmp_path / "small.dcm"
+    make_image("1.2.3", size=32).save_as(small, enforce_file_format=True)
+    spool = Spool(settings.spool_dir)
+    ds = spool_phantoms(spool, [4])
+    job_id = create_job(settings.audit_url, spool, ds, [small, tmp_path / "missing.dcm"])
+    assert run_analysis(context, job_id, lambda _: None) == "inferred"
+    assert _events(context.audit, job_id) == ["job.running", "job.inferred"]
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.result is not None and len(job.result["skipped"]) == 2
+        assert session.scalar(select(func.count()).where(Event.kind == "image.unusable")) == 2
+
+
+def test_run_analysis_without_usable_image_fails(settings: Settings, context: WorkerContext, tmp_path: Path) -> None:
+    """Only unusable images: FAILED with every reason, no artefacts, nothing sent."""
+    small = tmp_path / "small.dcm"
+    make_image("1.2.3", size=32).save_as(small, enforce_file_format=True)
+    spool = Spool(settings.spool_dir)
+    ds = spool_phantoms(spool, [5])
+    spool.instance_path(ds[0].StudyInstanceUID, ds[0].SOPInstanceUID).unlink()
+    job_id = create_job(settings.audit_url, spool, ds, [small])
+    sent: list[str] = []
+    assert run_analysis(context, job_id, sent.append) == "failed"
+    assert sent == []
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.FAILED and job.error is not None
+        assert "no usable image" in job.error and "64 px" in job.error and "cannot read" in job.error
+    assert not (context.spool.results / job_id).exists()
+
+
+# -- a real worker process -----------------------------------------------------------------------
+
+
+def _worker_env(settings: Settings, broker_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GVR_")}
+    env.update({"GVR_DATA_DIR": str(settings.data_dir), "GVR_BUNDLE_DIR": str(settings.bundle_dir),
+                "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    if broker_url:
+        env["GVR_BROKER_URL"] = broker_url
+    return env
+
+
+@pytest.fixture
+def worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Factory: start ``gvr worker --queues gpu --pool solo`` and wait for Celery's "ready." line."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str], *extra: str, timeout: float = 40.0) -> subprocess.Popen[bytes]:
+        log = tmp_path / f"worker-{len(started) + 1}.log"
+        command = [sys.executable, "-m", "node.cli.main", "worker", "--queues", "gpu", "--pool", "solo", *extra]
+        process = start_process(command, log, env, cwd=REPO_ROOT)
+        started.append(process)
+        deadline = time.monotonic() + timeout
+        while " ready." not in (log.read_text(errors="replace") if log.exists() else ""):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not become ready:\n{log_tail(log)}")
+            time.sleep(0.1)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            stop_process(process, 10.0)
+
+
+def _wait_for_state(audit: AuditDB, job_id: str, states: set[JobState], timeout: float = 40.0) -> Job:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with audit.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.state in states:
+                return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s")
+
+
+def _dicom_queue_length(broker_url: str) -> int:
+    if broker_url.startswith("redis://"):
+        import redis
+
+        return int(redis.Redis.from_url(broker_url).llen(QUEUE_DICOM))
+    with sqlite3.connect(broker_url.removeprefix("sqla+sqlite:///")) as connection:
+        row = connection.execute(
+            "SELECT count(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id "
+            "WHERE q.name = ? AND m.visible = 1", (QUEUE_DICOM,)).fetchone()
+    return int(row[0])
+
+
+def _broker(request: pytest.FixtureRequest) -> str | None:
+    return None if request.param == "sqla" else str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture(params=["sqla", "redis"])
+def broker_url(request: pytest.FixtureRequest) -> str | None:
+    """None: the settings' default server-less broker (SQLite); else a Redis DB of this test's own."""
+    return _broker(request)
+
+
+def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | None,
+                                         worker: Callable[..., Any]) -> None:
+    """A real worker takes the job from the broker, writes audit rows and artefacts, queues delivery."""
+    job_id = _job(settings, [6])
+    env = _worker_env(settings, broker_url)
+    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url)
+    worker(env)
+    enqueue_analysis(make_celery(worker_settings), job_id)
+    audit = AuditDB(settings.audit_url)
+    job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
+    assert job.state is JobState.INFERRED, job.error
+    assert job.worker is not None and job.worker.endswith(":worker")
+    assert read_job_result(settings.spool_dir / "results", job_id).images[0].steps >= 0
+    assert _events(audit, job_id) == ["job.running", "job.inferred"]
+    assert _dicom_queue_length(worker_settings.celery_broker_url) == 1
+    audit.dispose()
+
+
+def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings, broker_url: str | None,
+                                                             worker: Callable[..., Any]) -> None:
+    """SIGKILL while RUNNING, start another worker: one complete re-run, one result, one delivery."""
+    job_id = _job(settings, [7])
+    env = _worker_env(settings, broker_url)
+    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url)
+    extra = ["--visibility-timeout", "3"] if broker_url else []
+    first = worker(env, *SLOW, *extra)
+    enqueue_analysis(make_celery(worker_settings), job_id)
+    audit = AuditDB(settings.audit_url)
+    running = _wait_for_state(audit, job_id, {JobState.RUNNING})
+    assert running.worker is not None and int(running.worker.split(":")[1]) == first.pid
+    os.kill(first.pid, signal.SIGKILL)
+    first.wait(10)
+    worker(env, *extra)
+    job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
+    assert job.state is JobState.INFERRED and job.attempts == 2, job.error
+    kinds = _events(audit, job_id)
+    assert kinds.count("job.running") == 2 and kinds.count("job.inferred") == 1
+    result_dir = settings.spool_dir / "results" / job_id
+    assert json.loads((result_dir / "result.json").read_text())["job_id"] == job_id
+    assert _dicom_queue_length(worker_settings.celery_broker_url) == 1
+    audit.dispose()
