@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "send": ("node.cli.send", "C-STORE files to a peer: gvr send PATH... --to AE@host:port"),
     "db": ("node.cli.db", "audit database maintenance: gvr db upgrade"),
     "audit": ("node.cli.audit", "show recent associations, studies, jobs and events"),
+    "resend": ("node.cli.resend", "deliver a job's SC and SR again: gvr resend JOB [--now]"),
     "phantoms": ("training.cli.phantoms", "write synthetic chest radiograph phantoms"),
     "train": ("training.cli.train", "train the generator, encoder or latent classifier"),
     "evaluate": ("training.cli.evaluate", "evaluate a bundle on held-out images"),
@@ -24,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("inference.cli.explain", "predict and explain DICOM files offline"),
     "worker": ("inference.cli.worker", "run a Celery worker (queues gpu and/or dicom)"),
     "demo": ("node.cli.demo", "the end-to-end demo on the embedded default"),
+    "status": ("node.cli.status", "queue depths, live workers, recent jobs, the oldest unfinished job"),
+    "monitor": ("node.cli.monitor", "run Flower (web monitoring) against the broker"),
 }
 
 

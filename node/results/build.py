@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from node.spool import Spool, uid_to_filename
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+_SAFE_JOB_ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$")
 # series kind -> (Series Number, Series Description); high numbers sort after the acquired series
 SERIES: dict[SeriesKind, tuple[int, str]] = {
     SeriesKind.RATIONALE: (9001, "GVR rationale"),
@@ -166,9 +168,16 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+def outbox_folder(spool: Spool, job_id: str) -> Path:
+    """``<spool>/outbox/<job_id>``; a job id that could escape the folder is refused."""
+    if not _SAFE_JOB_ID.match(job_id):
+        raise ValueError(f"job id {job_id!r} is not a safe folder name (letters, digits, '.', '_', '-')")
+    return spool.outbox / job_id
+
+
 def write_outbox(spool: Spool, job_id: str, datasets: list[Dataset]) -> list[OutboxEntry]:
     """Write each object as ``outbox/<job>/<SOPInstanceUID>.dcm``, then ``manifest.json`` last."""
-    folder = spool.outbox / uid_to_filename(job_id)
+    folder = outbox_folder(spool, job_id)
     entries = []
     for ds in datasets:
         name = f"{uid_to_filename(str(ds.SOPInstanceUID))}.dcm"
@@ -182,7 +191,7 @@ def write_outbox(spool: Spool, job_id: str, datasets: list[Dataset]) -> list[Out
 
 def read_outbox(spool: Spool, job_id: str) -> list[OutboxEntry] | None:
     """The manifest's entries when the outbox is complete (manifest and every file present), else None."""
-    folder = spool.outbox / uid_to_filename(job_id)
+    folder = outbox_folder(spool, job_id)
     try:
         data = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
@@ -194,7 +203,7 @@ def read_outbox(spool: Spool, job_id: str) -> list[OutboxEntry] | None:
 
 
 def outbox_path(spool: Spool, job_id: str, entry: OutboxEntry) -> Path:
-    return spool.outbox / uid_to_filename(job_id) / entry.file
+    return outbox_folder(spool, job_id) / entry.file
 
 
 def prepare_outbox(spool: Spool, job_id: str) -> list[OutboxEntry]:

@@ -1,0 +1,248 @@
+"""Result objects: SCs and the SR built from a fake job result on a phantom source.
+
+The job result is written with ``node.artefacts.write_job_result`` from a
+phantom DX image and synthetic arrays (a strong rationale blob over the heart),
+so these tests never need the inference worker.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom import Dataset, config
+
+from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
+from node.results import uids
+from node.results.build import ResultBuildError, build_results, encode, prepare_outbox, read_outbox
+from node.results.overlay import Caption, display_image, render_overlay
+from node.selection import RESULT_MANUFACTURER, RESULT_SERIES_PREFIX, SelectionRule
+from node.spool import Spool
+from tests.peers import require_tool
+from training.phantom_dicom import phantom_dataset
+from training.phantoms import make_phantom
+
+MODEL = ModelInfo(name="gvr-test", version="0.0.1", threshold=0.5)
+BLOB = (0.55, 0.55, 0.08)  # centre row, centre column (fractions) and radius of the strong rationale
+
+
+@dataclass(frozen=True)
+class FakeJob:
+    spool: Spool
+    job_id: str
+    source: Dataset
+    source_path: Path
+    result: JobResult
+
+
+def blob_mask(size: int) -> np.ndarray:
+    rows, columns = np.mgrid[0:size, 0:size] / size
+    return np.asarray((rows - BLOB[0]) ** 2 + (columns - BLOB[1]) ** 2 < BLOB[2] ** 2)
+
+
+def make_fake_job(
+    root: Path, job_id: str = "job-0001", seed: int = 5, size: int = 256, arrays: tuple[str, ...] = (
+        "rationale", "healthy", "cine"), probability: float = 0.83, bnp: float | None = 420.0,
+) -> FakeJob:  # fmt: skip
+    """A spool holding a phantom source and a complete job result with synthetic arrays."""
+    spool = Spool(root / "spool")
+    source = phantom_dataset(make_phantom(seed, size))
+    source_path = root / f"source-{seed}.dcm"
+    source.save_as(source_path, enforce_file_format=True)
+    rng = np.random.default_rng(seed)
+    rationale = np.where(blob_mask(size), 0.3, 0.0).astype(np.float32)
+    rationale += rng.normal(0.0, 0.005, rationale.shape).astype(np.float32)
+    base = display_image(source)
+    available = {
+        "rationale": rationale,
+        "healthy": np.clip(base - np.maximum(rationale, 0), 0, 1).astype(np.float32),
+        "reconstruction": base,
+        "cine": np.stack([base[::4, ::4] * (1 - k / 10) for k in range(6)]).astype(np.float32),
+    }
+    image = ImageResult(
+        key=str(source.SOPInstanceUID), source_sop_instance_uid=str(source.SOPInstanceUID),
+        source_path=str(source_path), probability=probability, probability_healthy=0.08,
+        positive=probability >= MODEL.threshold, steps=120, ood_score=0.03, ood_flag=False, estimated_bnp=bnp,
+    )  # fmt: skip
+    result = JobResult(job_id=job_id, model=MODEL, device="cpu", images=(image,), seconds=1.5)
+    write_job_result(spool.results, result, {image.key: {name: available[name] for name in arrays}})
+    return FakeJob(spool, job_id, source, source_path, result)
+
+
+@pytest.fixture
+def fake_job(tmp_path: Path) -> FakeJob:
+    return make_fake_job(tmp_path)
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """The ``Error`` lines dciodvfy prints for ``path``."""
+    tool = require_tool("dciodvfy", "dicom3tools")
+    out = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    return [line for line in (out.stderr + out.stdout).splitlines() if line.startswith("Error")]
+
+
+def test_uids_deterministic_and_distinct() -> None:
+    """The same (source, version, kind) gives the same UID under 2.25; any change gives another."""
+    first = uids.instance_uid("1.2.3.4", "1.0", uids.ObjectKind.OVERLAY)
+    assert first == uids.instance_uid("1.2.3.4", "1.0", "overlay-sc")
+    assert first.startswith("2.25.") and len(first) <= 64
+    others = {
+        uids.instance_uid("1.2.3.5", "1.0", uids.ObjectKind.OVERLAY),
+        uids.instance_uid("1.2.3.4", "1.1", uids.ObjectKind.OVERLAY),
+        uids.instance_uid("1.2.3.4", "1.0", uids.ObjectKind.REPORT),
+        uids.series_uid("1.2.3.4", "1.0", uids.SeriesKind.RATIONALE),
+    }
+    assert first not in others and len(others) == 4
+    with pytest.raises(ValueError, match="not a valid"):
+        uids.instance_uid("1.2.3.4", "1.0", "thumbnail")
+
+
+def test_build_results_objects_in_order_and_same_study(fake_job: FakeJob) -> None:
+    """Overlay, side-by-side, cine SCs then the SR, all in the source's study with our labels."""
+    datasets = build_results(fake_job.spool.results, fake_job.job_id)
+    assert [str(ds.SOPClassUID) for ds in datasets] == [
+        "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7",
+        "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.88.34",
+    ]  # fmt: skip
+    source = fake_job.source
+    for ds in datasets:
+        for keyword in ("PatientID", "PatientName", "PatientBirthDate", "StudyInstanceUID", "AccessionNumber",
+                        "StudyID", "StudyDate"):  # fmt: skip
+            assert ds[keyword].value == source[keyword].value, keyword
+        assert ds.Manufacturer == RESULT_MANUFACTURER
+        assert ds.SeriesDescription.startswith(RESULT_SERIES_PREFIX)
+        equipment = ds.ContributingEquipmentSequence
+        assert any(item.ManufacturerModelName == MODEL.name and item.SoftwareVersions == MODEL.version
+                   for item in equipment)  # fmt: skip
+        assert SelectionRule().reason_to_skip(ds) is not None  # the loop guard never analyses our output
+    for sc in datasets[:3]:
+        assert sc.BurnedInAnnotation == "YES"
+        assert list(sc.PatientOrientation) == list(source.PatientOrientation)
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert datasets[0].PhotometricInterpretation == "RGB"
+    assert (datasets[0].Rows, datasets[0].Columns) >= (source.Rows, source.Columns)
+    assert int(datasets[2].NumberOfFrames) == 6
+
+
+def test_build_results_pass_dciodvfy(fake_job: FakeJob, tmp_path: Path) -> None:
+    """Every object (overlay, side-by-side, cine, SR) passes dciodvfy with no errors."""
+    for number, ds in enumerate(build_results(fake_job.spool.results, fake_job.job_id)):
+        path = tmp_path / f"object-{number}.dcm"
+        path.write_bytes(encode(ds))
+        assert dciodvfy_errors(path) == [], f"{ds.SOPClassUID} ({ds.SeriesDescription})"
+
+
+def test_build_results_round_trip_strict(fake_job: FakeJob) -> None:
+    """Each object saved to bytes reads back with pydicom strict, pixels and UIDs unchanged."""
+    datasets = build_results(fake_job.spool.results, fake_job.job_id)
+    previous = config.settings.reading_validation_mode
+    config.settings.reading_validation_mode = config.RAISE
+    try:
+        for ds in datasets:
+            back = pydicom.dcmread(BytesIO(encode(ds)))
+            assert back.SOPInstanceUID == ds.SOPInstanceUID
+            assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"  # uncompressed: any viewer
+            if "PixelData" in ds:
+                np.testing.assert_array_equal(back.pixel_array, ds.pixel_array)
+    finally:
+        config.settings.reading_validation_mode = previous
+
+
+def test_build_results_twice_same_uids(fake_job: FakeJob) -> None:
+    """Building again (a retry) gives the very same SOP instance and series UIDs."""
+    first = build_results(fake_job.spool.results, fake_job.job_id)
+    second = build_results(fake_job.spool.results, fake_job.job_id)
+    assert [(d.SOPInstanceUID, d.SeriesInstanceUID) for d in first] == [
+        (d.SOPInstanceUID, d.SeriesInstanceUID) for d in second
+    ]
+    assert len({d.SOPInstanceUID for d in first}) == len(first)
+
+
+def test_overlay_coloured_where_rationale_strong(fake_job: FakeJob, tmp_path: Path) -> None:
+    """The overlay is red/yellow inside the rationale blob and grey far from it (PNG kept for review)."""
+    sc = build_results(fake_job.spool.results, fake_job.job_id)[0]
+    pixels = sc.pixel_array.astype(int)
+    Image.fromarray(sc.pixel_array).save(tmp_path / "overlay.png")
+    size = int(fake_job.source.Rows)
+    inside = pixels[:size, :size][blob_mask(size)]
+    assert np.mean(inside[:, 0] - inside[:, 2]) > 80  # red over blue: tinted
+    far = pixels[5:40, 5:40]
+    assert np.abs(far[..., 0] - far[..., 2]).max() <= 2  # untouched greyscale
+
+
+def test_caption_lines_carry_disclaimer_and_numbers() -> None:
+    """The burned-in caption says NOT FOR DIAGNOSTIC USE, the finding, p, threshold and the model."""
+    image = ImageResult("k", "1.2.3", "/x.dcm", 0.83, 0.1, True, 10, 0.02, True, None)
+    text = "\n".join(Caption.for_image(MODEL, image).lines())
+    for expected in ("NOT FOR DIAGNOSTIC USE", "heart failure likely", "p = 0.83", "threshold 0.50",
+                     "gvr-test 0.0.1", "out of distribution"):  # fmt: skip
+        assert expected in text
+
+
+def test_render_overlay_grid_mismatch_raises() -> None:
+    """A rationale not on the source grid is refused with both shapes named."""
+    caption = Caption("heart failure likely", 0.9, 0.5, "m", "1")
+    with pytest.raises(ValueError, match=r"\(8, 8\).*\(16, 16\)"):
+        render_overlay(np.zeros((16, 16), np.float32), np.zeros((8, 8), np.float32), caption)
+
+
+def test_sr_dsrdump_shows_finding_and_probability(fake_job: FakeJob, tmp_path: Path) -> None:
+    """dcmtk's dsrdump reads the SR: heart failure likely, the probability, BNP, the algorithm."""
+    tool = require_tool("dsrdump", "dcmtk")
+    sr = build_results(fake_job.spool.results, fake_job.job_id)[-1]
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(sr))
+    text = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
+    for expected in ('"Heart failure likely"', '(84114007,SCT,"Heart failure")', '"Probability")="0.83"',
+                     '"Natriuretic peptide B', '"Algorithm Version")="0.0.1"', '(373067005,SCT,"No")',
+                     "Manufacturer        : gvr-node"):  # fmt: skip
+        assert expected in text, expected
+
+
+def test_sr_unlikely_without_bnp(tmp_path: Path) -> None:
+    """A negative result says "unlikely" and carries no BNP measurement."""
+    job = make_fake_job(tmp_path, probability=0.2, bnp=None)
+    sr = build_results(job.spool.results, job.job_id)[-1]
+    text = str(sr)
+    assert "Heart failure unlikely" in text and "Natriuretic" not in text
+
+
+def test_build_results_without_optional_arrays(tmp_path: Path) -> None:
+    """Without healthy and cine arrays: the overlay SC and the SR only."""
+    job = make_fake_job(tmp_path, arrays=("rationale",))
+    kinds = [str(ds.SOPClassUID) for ds in build_results(job.spool.results, job.job_id)]
+    assert kinds == ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"]
+
+
+def test_build_results_without_rationale_raises(tmp_path: Path) -> None:
+    """No rationale array: a ResultBuildError naming the job and the missing file."""
+    job = make_fake_job(tmp_path, arrays=("healthy",))
+    with pytest.raises(ResultBuildError, match="job-0001.*rationale.npy"):
+        build_results(job.spool.results, job.job_id)
+
+
+def test_prepare_outbox_writes_once_then_reuses(fake_job: FakeJob) -> None:
+    """The outbox is built, listed by its manifest, and reused (not rebuilt) on the next call."""
+    entries = prepare_outbox(fake_job.spool, fake_job.job_id)
+    assert [e.kind for e in entries] == ["overlay-sc", "side-by-side-sc", "cine-sc", "report-sr"]
+    folder = fake_job.spool.outbox / fake_job.job_id
+    stamps = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert prepare_outbox(fake_job.spool, fake_job.job_id) == entries
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamps
+    assert read_outbox(fake_job.spool, fake_job.job_id) == entries
+    assert not list(fake_job.spool.tmp.iterdir())  # no partial write left behind
+
+
+def test_results_and_delivery_never_import_torch() -> None:
+    """node.results, node.delivery and gvr resend import without torch or inference."""
+    code = ("import sys, node.results.build, node.delivery, node.cli.resend; "
+            "bad = [m for m in sys.modules if m == 'torch' or m.startswith('inference')]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")  # fmt: skip
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
