@@ -1,0 +1,100 @@
+"""Latent optimisation: lowers p on positives, leaves negatives, stays close, deterministic, batch = sequential."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from inference.bundle import Bundle
+from inference.preprocess import array_to_model_image
+from inference.rationale import Distance, GVRExplainer, RationaleConfig, explain
+from training.phantoms import make_phantom
+
+
+@pytest.fixture(scope="module")
+def images(tiny_bundle: Bundle) -> torch.Tensor:
+    """24 held-out phantoms (seeds the tiny bundle never saw) as a model batch."""
+    r = tiny_bundle.manifest.resolution
+    pixels = [array_to_model_image(np.asarray(make_phantom(seed, 64).image), r)[0] for seed in range(500, 524)]
+    return torch.from_numpy(np.stack(pixels))[:, None]
+
+
+@pytest.fixture(scope="module")
+def split(tiny_bundle: Bundle, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positives, negatives): the images the classifier scores above the threshold / below the target."""
+    with torch.no_grad():
+        p = tiny_bundle.classifier.predict_proba(tiny_bundle.encoder.encode(images))
+    threshold = tiny_bundle.manifest.decision_threshold
+    positives, negatives = images[p >= threshold], images[p < threshold / 2]
+    assert len(positives) >= 2 and len(negatives) >= 2, f"tiny bundle scores {p.tolist()}"
+    return positives, negatives
+
+
+def test_config_validates_and_coerces() -> None:
+    """Bad values are ValueErrors naming the field; a distance given as text becomes the enum."""
+    assert RationaleConfig(distance="l2").distance is Distance.L2  # type: ignore[arg-type]
+    for kwargs, field in (({"weight": -1}, "weight"), ({"target": 1.5}, "target"), ({"lr": 0}, "lr"),
+                          ({"max_steps": -1}, "max_steps"), ({"frames": 1}, "frames"),
+                          ({"prior_weight": float("nan")}, "prior_weight")):
+        with pytest.raises(ValueError, match=field):
+            RationaleConfig(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        RationaleConfig(distance="l3")  # type: ignore[arg-type]
+
+
+def test_explain_lowers_probability_of_positive_and_stays_close(tiny_bundle: Bundle, split: tuple) -> None:
+    """Every positive ends below the target; the healthy decoding differs little from the original one."""
+    positives, _ = split
+    result = explain(tiny_bundle, positives, RationaleConfig(max_steps=300))
+    assert (result.p_star < result.target).all() and (result.p_star < result.p0).all()
+    assert (result.steps > 0).all()
+    change = np.abs(result.healthy - result.reconstruction).mean(axis=(1, 2))
+    assert change.max() < 0.1, change  # model space spans 2.0
+    np.testing.assert_allclose(result.rationale, result.reconstruction - result.healthy, atol=1e-6)
+    np.testing.assert_allclose(result.frames[:, 0], result.reconstruction, atol=1e-5)
+    np.testing.assert_allclose(result.frames[:, -1], result.healthy, atol=1e-5)
+
+
+def test_explain_leaves_negative_unchanged(tiny_bundle: Bundle, split: tuple) -> None:
+    """An image already below the target takes no step: p* = p0 and the rationale is zero."""
+    _, negatives = split
+    result = explain(tiny_bundle, negatives)
+    assert (result.steps == 0).all()
+    np.testing.assert_allclose(result.p_star, result.p0, atol=1e-6)
+    assert np.abs(result.rationale).max() < 1e-5
+
+
+def test_explain_is_deterministic(tiny_bundle: Bundle, images: torch.Tensor) -> None:
+    """Two runs with one config give bit-identical maps and steps."""
+    config = RationaleConfig(distance=Distance.L2, prior_weight=0.1, seed=3)
+    a, b = explain(tiny_bundle, images[:8], config), explain(tiny_bundle, images[:8], config)
+    np.testing.assert_array_equal(a.rationale, b.rationale)
+    np.testing.assert_array_equal(a.steps, b.steps)
+
+
+def test_explain_batch_equals_sequential(tiny_bundle: Bundle, images: torch.Tensor) -> None:
+    """One batch of 6 gives each image what it gets alone (frozen images do not move the others)."""
+    batch = explain(tiny_bundle, images[:6])
+    for i in range(6):
+        alone = explain(tiny_bundle, images[i:i + 1])
+        assert alone.steps[0] == batch.steps[i]
+        np.testing.assert_allclose(alone.rationale[0], batch.rationale[i], atol=1e-4)
+        np.testing.assert_allclose(alone.p_star[0], batch.p_star[i], atol=1e-5)
+
+
+def test_explain_flags_out_of_distribution(tiny_bundle: Bundle, images: torch.Tensor) -> None:
+    """Noise is far from what the encoder learned: its score is above p99 and flagged."""
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32))
+    result = explain(tiny_bundle, torch.cat([images[:2], noise]), RationaleConfig(max_steps=0))
+    p99 = tiny_bundle.manifest.reconstruction_error["p99"]
+    assert (result.ood_score[2:] > p99).all() and result.ood_flag[2:].all()
+    assert result.ood_score[:2].max() < result.ood_score[2:].min()
+
+
+def test_gvr_explainer_has_the_common_call_shape(tiny_bundle: Bundle, images: torch.Tensor) -> None:
+    """images N x 1 x R x R -> maps N x R x R; a wrong shape is a ValueError that names it."""
+    maps = GVRExplainer(tiny_bundle, RationaleConfig(max_steps=5))(images[:3])
+    assert maps.shape == (3, 32, 32)
+    with pytest.raises(ValueError, match="N x 1 x 32 x 32"):
+        GVRExplainer(tiny_bundle)(images[:3, 0])
