@@ -271,3 +271,22 @@ def test_cli_train_generator_on_png_folder_and_resume(tmp_path: Path, blobs: tup
     assert train_cli.main([*args, "--steps", "4", "--resume"]) == 0
     assert read_state(tmp_path / "g")["step"] == 4
     assert train_cli.main(["generator", "--data", "phantoms:3-1", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_cli_export_and_evaluate(tmp_path: Path, trained: dict[str, Path]) -> None:
+    """gvr export writes a bundle, gvr evaluate reports on it, gvr export takes the report."""
+    from training.cli import evaluate as evaluate_cli
+    from training.cli import export as export_cli
+
+    folders = ["--generator", str(trained["generator"]), "--encoder", str(trained["encoder"]),
+               "--classifier", str(trained["classifier"]), "--name", "tiny", "--version", "1"]
+    assert export_cli.main([*folders, "--out", str(tmp_path / "b")]) == 0
+    assert evaluate_cli.main(["--bundle", str(tmp_path / "b"), "--labels", str(trained["labels"]),
+                              "--out", str(tmp_path / "e"), "--bootstrap", "50", "--threads", "1"]) == 0
+    report = json.loads((tmp_path / "e" / "report.json").read_text())
+    assert report["n"] == 60 and report["bundle"] == "tiny 1"
+    assert export_cli.main([*folders, "--out", str(tmp_path / "b"), "--evaluation",
+                            str(tmp_path / "e" / "report.json")]) == 0
+    assert load_bundle(tmp_path / "b").manifest.metrics["auc"] == report["auc"]
+    assert evaluate_cli.main(["--bundle", str(tmp_path / "missing"), "--labels", str(trained["labels"]),
+                              "--out", str(tmp_path / "e2")]) == 2
