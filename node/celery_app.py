@@ -18,6 +18,22 @@ TASK_DELIVER = "node.deliver_results"
 QUEUE_GPU = "gpu"
 QUEUE_DICOM = "dicom"
 
+# -- issue 6: production limits ------------------------------------------------------------
+# Default time limits (prefork pool only); a task may set its own. The hard limit must stay
+# below Redis's visibility timeout, or Redis hands a still-running job to a second worker.
+TASK_SOFT_TIME_LIMIT_S = 1500
+TASK_TIME_LIMIT_S = 1800
+REDIS_VISIBILITY_TIMEOUT_S = 3600
+# Redelivery cap. acks_late + reject_on_worker_lost put a job whose worker died (SIGKILL, GPU
+# out of memory) back on the queue; a job that kills every worker would loop forever. A task
+# counts its starts in Job.attempts and ends the job FAILED once attempts_exhausted() says so.
+MAX_JOB_ATTEMPTS = 3
+
+
+def attempts_exhausted(attempts: int) -> bool:
+    """Whether a job started ``attempts`` times already must not be started again."""
+    return attempts >= MAX_JOB_ATTEMPTS
+
 
 def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """Build the app for these settings (no global app: tests run several side by side)."""
@@ -28,7 +44,10 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     app.conf.update(_conf(settings))
     if broker.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacknowledged job after this; keep it above the longest job.
-        app.conf.broker_transport_options = {"visibility_timeout": 3600}
+        app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+        # issue 6: task events for Flower (`gvr monitor`); they need Redis's pub/sub
+        app.conf.worker_send_task_events = True
+        app.conf.task_send_sent_event = True
     return app
 
 
@@ -40,6 +59,8 @@ def _conf(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,  # a job whose worker dies is redelivered, not lost
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,  # a GPU worker holds one job at a time
+        "task_soft_time_limit": TASK_SOFT_TIME_LIMIT_S,  # issue 6
+        "task_time_limit": TASK_TIME_LIMIT_S,  # issue 6
         "task_routes": {TASK_ANALYZE: {"queue": QUEUE_GPU}, TASK_DELIVER: {"queue": QUEUE_DICOM}},
         "task_default_queue": QUEUE_GPU,
         "broker_connection_retry_on_startup": True,
