@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install system-deps bench-ingest clean
+.PHONY: demo test install system-deps bench-ingest bench-e2e clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: $(STAMP) system-deps
 
 bench-ingest: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.ingest
+
+## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
+bench-e2e: $(STAMP) system-deps
+	$(BIN)/python -m benchmarks.e2e
 
 clean:
 	rm -rf $(VENV) gvr-data .pytest_cache

@@ -25,6 +25,8 @@ class DemoPacs(Protocol):
 
     def received_sop_uids(self) -> set[str]: ...
 
+    def has_report(self, study_uid: str) -> bool: ...
+
     def stop(self) -> None: ...
 
 
@@ -87,6 +89,11 @@ class OrthancPacs:
             uids.add(tags.get("SOPInstanceUID", ""))
         return uids
 
+    def has_report(self, study_uid: str) -> bool:
+        """Is a Structured Report stored in this study yet?"""
+        query = {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid, "Modality": "SR"}}
+        return bool(self.request("POST", "/tools/find", query))
+
     def stop(self) -> None:
         try:
             self.request("POST", "/tools/shutdown")
@@ -105,6 +112,7 @@ class BuiltinPacs:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self._received: set[str] = set()
+        self._reports: set[str] = set()
         ae = AE(ae_title="DEMOPACS")
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
@@ -121,7 +129,12 @@ class BuiltinPacs:
         uid = str(event.request.AffectedSOPInstanceUID)
         (self.folder / f"{uid}.dcm").write_bytes(event.encoded_dataset())
         self._received.add(uid)
+        if str(event.request.AffectedSOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.88."):
+            self._reports.add(str(event.dataset.StudyInstanceUID))
         return 0x0000
+
+    def has_report(self, study_uid: str) -> bool:
+        return study_uid in self._reports
 
     def received_sop_uids(self) -> set[str]:
         return set(self._received)
