@@ -121,7 +121,8 @@ def read_job_result(results_root: Path, job_id: str) -> JobResult:
 def load_array(results_root: Path, job_id: str, image_key: str, name: str) -> np.ndarray:
     if name not in ARRAY_NAMES:
         raise ValueError(f"unknown artefact {name!r}; expected one of {ARRAY_NAMES}")
-    return np.load(job_dir(results_root, job_id) / image_key / f"{name}.npy", allow_pickle=False)
+    array: np.ndarray = np.load(job_dir(results_root, job_id) / image_key / f"{name}.npy", allow_pickle=False)
+    return array
 
 
 def _atomic_write(path: Path, write: Any) -> None:

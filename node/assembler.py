@@ -12,7 +12,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -167,10 +167,6 @@ def _record_no_eligible(session: Session, study: Study, skipped: dict[str, str],
     )  # fmt: skip
 
 
-def _as_utc(moment: object) -> object:
+def _as_utc(moment: datetime) -> datetime:
     """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    from datetime import UTC, datetime
-
-    if isinstance(moment, datetime) and moment.tzinfo is None:
-        return moment.replace(tzinfo=UTC)
-    return moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Peer
 from node.scp import set_nodelay
@@ -66,7 +66,8 @@ def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float =
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
     if not assoc.is_established:
         raise PeerUnreachableError(f"association with {peer} was refused, rejected or timed out")
-    set_nodelay(assoc.dul.socket.socket)
+    if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
+        set_nodelay(assoc.dul.socket.socket)
     try:
         yield assoc
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.config import Peer
 from node.scp import set_nodelay
@@ -118,11 +118,13 @@ class BuiltinPacs:
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
         port = free_port()
-        self.server = ae.start_server(
+        server = ae.start_server(
             ("127.0.0.1", port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_C_ECHO, lambda event: 0x0000),
                           (evt.EVT_CONN_OPEN, lambda event: set_nodelay(event.assoc.dul.socket.socket))],
         )  # fmt: skip
+        assert server is not None  # non-blocking start_server always returns the server
+        self.server = server
         self.peer = Peer(ae_title="DEMOPACS", host="127.0.0.1", port=port)
 
     def _store(self, event: Any) -> int:
