@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from inference.bundle import Bundle, default_bundle_path, load_bundle
+from inference.preprocess import Geometry
 from inference.rationale import Rationale, RationaleConfig, explain
 
 
@@ -87,3 +88,16 @@ def explain_images(
 def to_unit(model_space: np.ndarray) -> np.ndarray:
     """Model space [-1, 1] -> display intensities [0, 1] (float32)."""
     return ((np.asarray(model_space, dtype=np.float32) + 1.0) / 2.0).clip(0.0, 1.0)
+
+
+def artefact_maps(explanation: ImageExplanation, geometry: Geometry) -> dict[str, np.ndarray]:
+    """The arrays ``node.artefacts`` names: display units ([0, 1]) on the source grid, the cine in model space.
+
+    The rationale is ``reconstruction - healthy`` in those units (half the model-space difference).
+    """
+    return {
+        "reconstruction": geometry.to_original(to_unit(explanation.reconstruction)),
+        "healthy": geometry.to_original(to_unit(explanation.healthy)),
+        "rationale": geometry.to_original(explanation.rationale / 2.0),
+        "cine": to_unit(explanation.frames),
+    }

@@ -31,7 +31,7 @@ from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
 from inference.bundle import Bundle
-from inference.predict import ImageExplanation, explain_images, resolve_bundle, to_unit
+from inference.predict import ImageExplanation, artefact_maps, explain_images, resolve_bundle
 from inference.preprocess import Geometry, UnusableImageError, dicom_to_model_image
 from inference.rationale import RationaleConfig
 from inference.worker_app import RATIONALE_CONF_KEY
@@ -168,17 +168,6 @@ def _fail(ctx: WorkerContext, job_id: str, reason: str) -> None:
     logger.error("job %s failed: %s", job_id, reason)
 
 
-def _arrays(item: _Prepared, explanation: ImageExplanation) -> dict[str, np.ndarray]:
-    """Maps in display units ([0, 1]; the rationale is their signed difference) on the source grid."""
-    geometry = item.geometry
-    return {
-        "reconstruction": geometry.to_original(to_unit(explanation.reconstruction)),
-        "healthy": geometry.to_original(to_unit(explanation.healthy)),
-        "rationale": geometry.to_original(explanation.rationale / 2.0),
-        "cine": to_unit(explanation.frames),
-    }
-
-
 def _image_result(item: _Prepared, explanation: ImageExplanation, threshold: float) -> ImageResult:
     return ImageResult(
         key=uid_to_filename(item.source.sop_instance_uid), source_sop_instance_uid=item.source.sop_instance_uid,
@@ -237,7 +226,7 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     model = ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold)
     images = tuple(_image_result(p, e, model.threshold) for p, e in zip(prepared, explanations, strict=True))
     result = JobResult(job_id, model, ctx.settings.device, images, time.perf_counter() - started)
-    arrays = {image.key: _arrays(p, e) for image, p, e in zip(images, prepared, explanations, strict=True)}
+    arrays = {image.key: artefact_maps(e, p.geometry) for image, p, e in zip(images, prepared, explanations, strict=True)}
     write_job_result(ctx.spool.results, result, arrays)
     _finish(ctx, result, skipped)
     send_deliver(job_id)
