@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
-CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 NODE_AET = "GVRNODE"
 STORESCP_AET = "STORESCP"
 SCU_AET = "BENCHSCU"
@@ -138,7 +138,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def running(command: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(
+    command: list[str], env: dict[str, str], port: int, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start a receiver, wait until it listens, and stop it (SIGTERM, then SIGKILL) after."""
     with log.open("wb") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -166,7 +168,9 @@ def send_all(source: Path, called_aet: str, port: int, receiver: subprocess.Pope
     done = subprocess.run(command, env=dcmtk_env(), capture_output=True, timeout=SEND_TIMEOUT_S, check=False)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"storescu exited {done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}")
+        raise RuntimeError(
+            f"storescu exited {done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}"
+        )
     return Run(called_aet, count, seconds, cpu_seconds(receiver.pid) - cpu_before)
 
 
@@ -263,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         source.mkdir()
         started = time.perf_counter()
         write_instances(source, count)
-        print(f"wrote {count} instances in {time.perf_counter() - started:.1f} s; load {os.getloadavg()[0]:.2f}")
+        print(
+            f"wrote {count} instances in {time.perf_counter() - started:.1f} s; load {os.getloadavg()[0]:.2f}"
+        )
         node_runs, storescp_runs = _run_all(source, count, repeats, root, args.only)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if node_runs and storescp_runs:
@@ -274,12 +280,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_all(source: Path, count: int, repeats: int, root: Path, only: str | None) -> tuple[list[Run], list[Run]]:
+def _run_all(
+    source: Path, count: int, repeats: int, root: Path, only: str | None
+) -> tuple[list[Run], list[Run]]:
     """Interleave the receivers so a load change on the machine hits both alike."""
     node_runs: list[Run] = []
     storescp_runs: list[Run] = []
     for repeat in range(repeats):
-        for name, bench, runs in (("node", bench_node, node_runs), ("storescp", bench_storescp, storescp_runs)):
+        for name, bench, runs in (
+            ("node", bench_node, node_runs),
+            ("storescp", bench_storescp, storescp_runs),
+        ):
             if only not in (None, name):
                 continue
             work = root / f"{name}-{repeat}"

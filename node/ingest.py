@@ -10,10 +10,9 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Connection, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
 
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Instance, InstanceStatus, Study, StudyState, utcnow
@@ -70,14 +69,16 @@ class Ingestor:
     def _store(self, request: StoreRequest, header: InstanceHeader) -> StoreStatus:
         final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
         spooled = self.spool.store(request.data, final)
+        # the common path needs no SELECT: link-if-absent already said whether the file is new
         if not spooled.created and self._has_accepted(header.sop_instance_uid):
             return self._record_duplicate(request, header, spooled)
         if not spooled.created:  # a file without its audit row: left by a crash; this copy wins
             spooled = self.spool.store(request.data, final, replace=True)
         try:
-            with self.audit.session() as session:
-                session.add(_instance_row(request, header, spooled, InstanceStatus.ACCEPTED))
-                _touch_study(session, header.study_uid)
+            with self.audit.transaction() as connection:  # one commit: the instance row and its study
+                values = _instance_values(request, header, spooled, InstanceStatus.ACCEPTED)
+                connection.execute(insert(Instance), values)
+                _touch_study(connection, header.study_uid)
         except IntegrityError:  # the same instance committed by a concurrent association
             return self._record_duplicate(request, header, spooled)
         except SQLAlchemyError as error:
@@ -97,13 +98,13 @@ class Ingestor:
         return found is not None
 
     def _record_duplicate(self, request: StoreRequest, header: InstanceHeader, first: SpooledFile) -> StoreStatus:
-        digest = hashlib.sha256(request.data).hexdigest()
-        copy = SpooledFile(first.path, digest, len(request.data), created=False)
+        # ``first.sha256`` is already the digest of these bytes (the spool hashed them)
+        copy = SpooledFile(first.path, first.sha256, len(request.data), created=False)
+        values = _instance_values(request, header, copy, InstanceStatus.DUPLICATE)
+        values["reason"] = "SOP instance already stored; first copy kept"
         try:
-            with self.audit.session() as session:
-                row = _instance_row(request, header, copy, InstanceStatus.DUPLICATE)
-                row.reason = "SOP instance already stored; first copy kept"
-                session.add(row)
+            with self.audit.transaction() as connection:
+                connection.execute(insert(Instance), values)
         except SQLAlchemyError as error:
             log.error("audit write failed for a duplicate, refused (0xA700): %s", error)
             return StoreStatus.OUT_OF_RESOURCES
@@ -129,34 +130,35 @@ class Ingestor:
             log.error("audit write failed while refusing an instance: %s", error)
 
 
-def _instance_row(
+def _instance_values(
     request: StoreRequest, header: InstanceHeader, spooled: SpooledFile, status: InstanceStatus
-) -> Instance:
-    return Instance(
-        association_id=request.association_id,
-        status=status,
-        dimse_status=int(StoreStatus.SUCCESS),
-        sop_instance_uid=header.sop_instance_uid,
-        sop_class_uid=header.sop_class_uid,
-        series_uid=header.series_uid,
-        study_uid=header.study_uid,
-        transfer_syntax=header.transfer_syntax,
-        modality=header.modality,
-        size_bytes=spooled.size_bytes,
-        sha256=spooled.sha256,
-        spool_path=str(spooled.path),
-    )
+) -> dict[str, object]:
+    """The ``instances`` row as Core insert parameters (cheaper than an ORM object per instance)."""
+    return {
+        "association_id": request.association_id,
+        "status": status,
+        "dimse_status": int(StoreStatus.SUCCESS),
+        "sop_instance_uid": header.sop_instance_uid,
+        "sop_class_uid": header.sop_class_uid,
+        "series_uid": header.series_uid,
+        "study_uid": header.study_uid,
+        "transfer_syntax": header.transfer_syntax,
+        "modality": header.modality,
+        "size_bytes": spooled.size_bytes,
+        "sha256": spooled.sha256,
+        "spool_path": str(spooled.path),
+        "received_at": utcnow(),
+    }
 
 
-def _touch_study(session: Session, study_uid: str) -> None:
+def _touch_study(connection: Connection, study_uid: str) -> None:
     """Create the study or mark it receiving again; one statement, safe under concurrency."""
     now = utcnow()
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(Study).values(
+    insert_for = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    statement = insert_for(Study).values(
         study_uid=study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now
     )
-    session.execute(
+    connection.execute(
         statement.on_conflict_do_update(
             index_elements=[Study.study_uid],
             set_={"last_received_at": now, "state": StudyState.RECEIVING},

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any
 
-from pynetdicom import AE, evt
+from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -29,6 +30,11 @@ from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 log = logging.getLogger(__name__)
 
 ReleaseCallback = Callable[[set[str]], None]
+
+# How long an accepted association's DUL thread sleeps when idle; pynetdicom's default
+# is 1 ms. 0.1 ms cut the wait between instances from ~6.8 to ~3.7 ms in
+# benchmarks/ingest.py, for ~10% of a core while a peer holds an idle association.
+DUL_POLL_SECONDS = 0.0001
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -107,6 +113,10 @@ class AssociationLog:
 def handle_conn_open(event: Any) -> None:
     if event.assoc.dul.socket is not None and event.assoc.dul.socket.socket is not None:
         set_nodelay(event.assoc.dul.socket.socket)
+    # The DUL thread sleeps this long whenever it finds nothing to do, so each response
+    # waits up to that long before it is sent. The thread lives only as long as this
+    # connection, so the faster poll costs CPU only while a peer is connected.
+    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS  # a private attribute: no public setting
 
 
 def handle_accepted(event: Any, associations: AssociationLog) -> None:
@@ -141,7 +151,7 @@ def handle_store(event: Any, ingestor: Ingestor, associations: AssociationLog) -
     """C-STORE: success only once the bytes are durable in the spool and audited."""
     try:
         request = StoreRequest(
-            data=event.encoded_dataset(),
+            data=encoded_instance(event),
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             association_id=associations.row_id(event.assoc),
@@ -153,6 +163,57 @@ def handle_store(event: Any, ingestor: Ingestor, associations: AssociationLog) -
     if result.study_uid is not None:
         associations.note_study(event.assoc, result.study_uid)
     return int(result.status)
+
+
+# -- the received instance as a DICOM file ---------------------------------------------
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def encoded_instance(event: Any) -> bytes:
+    """The bytes ``event.encoded_dataset()`` returns, without pydicom's file-meta writer.
+
+    Building and encoding a File Meta dataset through pydicom costs ~0.35 ms per
+    instance; the group is seven short elements, encoded here directly. Anything
+    unusual (a non-ASCII UID, a data set spooled to disk) takes pynetdicom's path.
+    """
+    request = event.request
+    try:
+        sop_class, sop_instance = str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID)
+        meta = file_meta_group(sop_class, sop_instance, str(event.context.transfer_syntax))
+        body = request.DataSet.getvalue()
+    except (AttributeError, UnicodeEncodeError, struct.error):
+        return event.encoded_dataset()
+    return b"".join((_PREAMBLE, meta, body))
+
+
+def file_meta_group(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str) -> bytes:
+    """Group 0002 in Explicit VR Little Endian, as pynetdicom's ``create_file_meta`` fills it."""
+    elements = (
+        _explicit((0x0002, 0x0001), b"OB", b"\x00\x01"),
+        _explicit((0x0002, 0x0002), b"UI", _padded(sop_class_uid, b"\x00")),
+        _explicit((0x0002, 0x0003), b"UI", _padded(sop_instance_uid, b"\x00")),
+        _explicit((0x0002, 0x0010), b"UI", _padded(transfer_syntax, b"\x00")),
+        _IMPLEMENTATION,
+    )
+    body = b"".join(elements)
+    return _explicit((0x0002, 0x0000), b"UL", struct.pack("<I", len(body))) + body
+
+
+def _padded(value: str, pad: bytes) -> bytes:
+    encoded = value.encode("ascii")
+    return encoded + pad if len(encoded) % 2 else encoded
+
+
+def _explicit(tag: tuple[int, int], vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":  # 2 reserved bytes and a 4-byte length
+        return struct.pack("<HH2s2xI", tag[0], tag[1], vr, len(value)) + value
+    return struct.pack("<HH2sH", tag[0], tag[1], vr, len(value)) + value
+
+
+_IMPLEMENTATION = _explicit(
+    (0x0002, 0x0012), b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")
+) + _explicit((0x0002, 0x0013), b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" "))
 
 
 # -- the server ---------------------------------------------------------------------

@@ -18,10 +18,12 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_MAX_KNOWN_FOLDERS = 10_000
 
 
 class SpoolFullError(OSError):
@@ -63,6 +65,8 @@ class Spool:
         self.tmp = root / "tmp"
         self.results = root / "results"
         self.outbox = root / "outbox"
+        self._folders: set[Path] = set()  # study folders known to exist (skips a mkdir per instance)
+        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sha256")
         for folder in (self.incoming, self.tmp, self.results, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -90,32 +94,68 @@ class Spool:
         """
         if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
             raise SpoolFullError(errno.ENOSPC, f"spool {self.root} below its free-space floor")
-        digest = hashlib.sha256(data).hexdigest()
-        final.parent.mkdir(parents=True, exist_ok=True)
+        digest = self._hasher.submit(_sha256_hex, data)  # hashed while the write and fsync wait on the disk
+        self._ensure_folder(final.parent)
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        tmp = Path(tmp_name)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            created = self._publish(Path(tmp_name), final, replace)
+            _write_and_fsync(fd, data)
+            created = self._publish(tmp, final, replace)
         except OSError as error:
             if error.errno == errno.ENOSPC:
                 raise SpoolFullError(errno.ENOSPC, f"spool {self.root} is full") from error
             raise
         finally:
-            Path(tmp_name).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
         if created:
             _fsync_dir(final.parent)
-        return SpooledFile(final, digest, len(data), created)
+        return SpooledFile(final, digest.result(), len(data), created)
 
-    @staticmethod
-    def _publish(tmp: Path, final: Path, replace: bool) -> bool:
-        if replace:
-            os.replace(tmp, final)
-            return True
+    def _ensure_folder(self, folder: Path) -> None:
+        """Create a study folder and make its name durable, once per process.
+
+        The per-instance cost is then a set lookup instead of a ``mkdir`` call.
+        The parent is fsynced even when the folder already existed: another
+        thread may have created it and not yet made its name durable.
+        """
+        if folder in self._folders:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        _fsync_dir(folder.parent)
+        if len(self._folders) >= _MAX_KNOWN_FOLDERS:
+            self._folders.clear()  # bounded memory; a forgotten folder only costs one more fsync
+        self._folders.add(folder)
+
+    def _publish(self, tmp: Path, final: Path, replace: bool) -> bool:
         try:
-            os.link(tmp, final)  # atomic "create if absent": never overwrites a first copy
-        except FileExistsError:
-            return False
+            return _link_or_replace(tmp, final, replace)
+        except FileNotFoundError:  # the study folder was removed since we created it
+            self._folders.discard(final.parent)
+            self._ensure_folder(final.parent)
+            return _link_or_replace(tmp, final, replace)
+
+
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()  # releases the GIL: runs beside the fsync
+
+
+def _write_and_fsync(fd: int, data: bytes) -> None:
+    """Write straight to the descriptor (no buffered copy), fsync, close."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_replace(tmp: Path, final: Path, replace: bool) -> bool:
+    if replace:
+        os.replace(tmp, final)
         return True
+    try:
+        os.link(tmp, final)  # atomic "create if absent": never overwrites a first copy
+    except FileExistsError:
+        return False
+    return True

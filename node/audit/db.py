@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from node.audit.models import Event
@@ -66,6 +66,16 @@ class AuditDB:
             raise
         finally:
             session.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A Core connection in one transaction, for hot paths (the SCP's per-instance rows).
+
+        Commits on success, rolls back on any error, like ``session``; skipping the
+        ORM's unit of work saves about a millisecond per instance.
+        """
+        with self.engine.begin() as connection:
+            yield connection
 
     def dispose(self) -> None:
         self.engine.dispose()
