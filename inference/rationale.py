@@ -163,7 +163,7 @@ def optimise_latents(bundle: Bundle, z0: torch.Tensor, config: RationaleConfig
         if config.prior_weight > 0:
             loss = loss + config.prior_weight * z.square().mean(dim=1)
         optimiser.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        loss.sum().backward()  # type: ignore[no-untyped-call]
         before = z.detach().clone()
         optimiser.step()
         with torch.no_grad():

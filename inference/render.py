@@ -22,7 +22,8 @@ GIF_END_PAUSE_MS = 600
 def _uint8(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    scaled: np.ndarray = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return scaled
 
 
 def write_png(image: np.ndarray, path: Path) -> Path:

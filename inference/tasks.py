@@ -84,7 +84,7 @@ class _ProcessContext:
 PROCESS = _ProcessContext()
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _load_in_child(**_kwargs: Any) -> None:
     """A prefork child: forget anything inherited, load the bundle here (CUDA after the fork)."""
     PROCESS.reset()
@@ -246,7 +246,7 @@ class AnalysisTask(Task):  # type: ignore[misc]
             logger.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, exc, error)
 
 
-@shared_task(  # type: ignore[misc]
+@shared_task(  # type: ignore[untyped-decorator]
     name=TASK_ANALYZE, bind=True, base=AnalysisTask, acks_late=True, reject_on_worker_lost=True,
     autoretry_for=TRANSIENT_ERRORS, max_retries=MAX_RETRIES, retry_backoff=2, retry_backoff_max=120,
     retry_jitter=True, soft_time_limit=1500, time_limit=1800,

@@ -62,7 +62,12 @@ class _Loaded:
 
 def _load(path: Path, name: str, resolution: int) -> _Loaded:
     """Model image, geometry and the display image of one file; raises UnusableImageError."""
-    from inference.preprocess import UnusableImageError, dicom_to_model_image, image_file_to_model_image, is_dicom_file
+    from inference.preprocess import (
+        UnusableImageError,
+        dicom_to_model_image,
+        image_file_to_model_image,
+        is_dicom_file,
+    )
     from node.results.overlay import display_image
 
     if is_dicom_file(path):
