@@ -61,19 +61,43 @@ class Caption:
             estimated_bnp=image.estimated_bnp,
         )
 
-    def lines(self) -> list[str]:
-        """The caption as text lines; the first is always the disclaimer."""
-        result = f"AI: {self.finding}   p = {self.probability:.2f} (threshold {self.threshold:.2f})"
+    def groups(self) -> list[list[str]]:
+        """Phrases by line group: the disclaimer, the result, the method, and any warning.
+
+        A group starts a new line; its phrases share lines as far as the width allows.
+        """
+        result = [f"AI: {self.finding}", f"p = {self.probability:.2f} (threshold {self.threshold:.2f})"]
         if self.estimated_bnp is not None:
-            result += f"   est. BNP {self.estimated_bnp:.0f} ng/L"
-        lines = [DISCLAIMER, result]
+            result.append(f"est. BNP {self.estimated_bnp:.0f} ng/L")
+        method = ["Rationale: GVR, original - healthy reconstruction"]
         if self.probability_healthy is not None:
-            lines.append(
-                f"Rationale: GVR, original - healthy reconstruction (p healthy = {self.probability_healthy:.2f})"
-            )
-        lines.append(f"Model {self.model_name} {self.model_version}")
+            method.append(f"(p healthy = {self.probability_healthy:.2f})")
+        method.append(f"Model {self.model_name} {self.model_version}")
+        groups = [[DISCLAIMER], result, method]
         if self.ood_flag:
-            lines.append("WARNING: image unlike the training data (out of distribution): result unreliable")
+            groups.append(
+                ["WARNING: image unlike the training data", "(out of distribution): result unreliable"]
+            )
+        return groups
+
+    def lines(self) -> list[str]:
+        """The caption as text lines, one per group; the first is always the disclaimer."""
+        return ["   ".join(group) for group in self.groups()]
+
+    def layout(self, width: int, size: int) -> list[str]:
+        """The caption's lines for a band ``width`` pixels wide: phrases wrap instead of being cut off."""
+        font = _font(size)
+        lines: list[str] = []
+        for group in self.groups():
+            line = ""
+            for phrase in group:
+                candidate = f"{line}   {phrase}" if line else phrase
+                if line and font.getlength(candidate) > width:
+                    lines.append(line)
+                    line = phrase
+                else:
+                    line = candidate
+            lines.append(line)
         return lines
 
 
@@ -140,7 +164,7 @@ def _blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
 def _draw_lines(draw: ImageDraw.ImageDraw, origin: tuple[int, int], lines: list[str], size: int) -> None:
     x, y = origin
     for number, line in enumerate(lines):
-        warning = number == 0 or line.startswith("WARNING")
+        warning = number == 0 or line.startswith(("WARNING", "(out of distribution)"))
         draw.text((x, y), line, fill=_WARNING_COLOUR if warning else _TEXT_COLOUR, font=_font(size))
         y += int(size * 1.35)
 
@@ -179,8 +203,8 @@ def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) ->
     _check_grid("rationale", rationale, base.shape)
     rows, columns = base.shape
     size = _font_size(columns)
-    lines = caption.lines()
     bar_width = max(size * 6, columns // 9)
+    lines = caption.layout(columns + bar_width - size, size)
     canvas = Image.new("RGB", (columns + bar_width, rows + _band_height(len(lines), size)), (0, 0, 0))
     scale = rationale_scale(rationale)
     canvas.paste(Image.fromarray(_to_uint8(_blend(base, rationale, scale)), "RGB"), (0, 0))
@@ -196,7 +220,7 @@ def render_side_by_side(base: np.ndarray, healthy: np.ndarray, caption: Caption)
     size = _font_size(columns)
     gap = max(size // 2, 4)
     title = int(size * 1.8)
-    lines = caption.lines()
+    lines = caption.layout(2 * columns + gap - size, size)
     canvas = Image.new("L", (2 * columns + gap, title + rows + _band_height(len(lines), size)), 0)
     canvas.paste(Image.fromarray(_to_uint8(base), "L"), (0, title))
     canvas.paste(Image.fromarray(_to_uint8(healthy), "L"), (columns + gap, title))

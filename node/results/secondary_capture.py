@@ -104,6 +104,12 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             setattr(target, keyword, "")
 
 
+def set_series_date(ds: Dataset) -> None:
+    """Series Date/Time = when the result was made (viewers group and sort series by them)."""
+    if "ContentDate" in ds and "ContentTime" in ds:
+        ds.SeriesDate, ds.SeriesTime = ds.ContentDate, ds.ContentTime
+
+
 def _laterality(source: Dataset) -> str:
     for keyword in ("Laterality", "ImageLaterality"):
         value = str(source.get(keyword, "") or "")
@@ -157,6 +163,7 @@ def _sc_image(
     copy_patient_and_study(source, sc)
     # General Series module
     sc.SeriesDescription = identity.series_description
+    set_series_date(sc)
     if "BodyPartExamined" in source:
         sc.BodyPartExamined = source.BodyPartExamined
     laterality = _laterality(source)

@@ -22,7 +22,12 @@ from pydicom.sr.coding import Code
 
 from node.artefacts import ImageResult, ModelInfo
 from node.results import uids
-from node.results.secondary_capture import AlgorithmEquipment, ResultIdentity, copy_patient_and_study
+from node.results.secondary_capture import (
+    AlgorithmEquipment,
+    ResultIdentity,
+    copy_patient_and_study,
+    set_series_date,
+)
 from node.selection import RESULT_MANUFACTURER
 
 # Our own coding scheme (PS3.16 allows local schemes prefixed "99") for concepts no standard names.
@@ -159,6 +164,7 @@ def build_report(inputs: ReportInputs, identity: ResultIdentity) -> Dataset:
     copy_patient_and_study(inputs.source, sr)
     # General Series and General Equipment modules
     sr.SeriesDescription = identity.series_description
+    set_series_date(sr)
     sr.ManufacturerModelName = inputs.model.name[:64]
     sr.SoftwareVersions = inputs.model.version[:64]
     return _with_local_scheme(sr)
