@@ -238,6 +238,30 @@ def report(node: list[Run], storescp: list[Run], count: int) -> str:
     return "\n".join(rows)
 
 
+def flush_ms(folder: Path, samples: int = 40) -> float:
+    """Median cost of one 4 KB write + ``fdatasync`` in ``folder``: the disk's flush latency.
+
+    The node makes three flushes per instance, one after another (the file, its
+    folder entry, the audit commit), so about ``1000 / (3 * flush_ms)`` instances/s
+    is its ceiling on this disk, however fast the rest is.
+    """
+    path = folder / "flush-probe"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, bytes(4096))
+        os.fsync(fd)
+        times = []
+        for sample in range(samples):
+            os.pwrite(fd, sample.to_bytes(4, "little") * 1024, 0)
+            started = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return 1000 * statistics.median(times)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.ingest",
@@ -248,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--count", type=int, default=500, help="instances per run")
     parser.add_argument("--repeats", type=int, default=3, help="runs per receiver (median reported)")
     parser.add_argument("--only", choices=("node", "storescp"), default=None, help="benchmark one receiver")
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=None,
+        help="where the receivers write (default: the system temp folder). A tmpfs such as /dev/shm "
+        "shows the node's software ceiling only: fsync is free there and nothing is durable",
+    )
     return parser
 
 
@@ -261,23 +292,33 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"missing {', '.join(missing)}: apt-get install dcmtk", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="gvr-bench-") as temp:
-        root = Path(temp)
-        source = root / "instances"
-        source.mkdir()
+    with (
+        tempfile.TemporaryDirectory(prefix="gvr-bench-src-") as source_dir,
+        tempfile.TemporaryDirectory(prefix="gvr-bench-", dir=args.data_root) as work_dir,
+    ):
+        source, root = Path(source_dir), Path(work_dir)
         started = time.perf_counter()
         write_instances(source, count)
-        print(
-            f"wrote {count} instances in {time.perf_counter() - started:.1f} s; load {os.getloadavg()[0]:.2f}"
-        )
+        print(f"wrote {count} instances in {time.perf_counter() - started:.1f} s")
+        print(_conditions(root))
         node_runs, storescp_runs = _run_all(source, count, repeats, root, args.only)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+        print(_conditions(root))
     if node_runs and storescp_runs:
         print(report(node_runs, storescp_runs, count))
     for name, runs in (("node", node_runs), ("storescp", storescp_runs)):
         if runs and not (node_runs and storescp_runs):
             print(f"{name}: median {median_rate(runs):.1f} instances/s over {len(runs)} run(s)")
     return 0
+
+
+def _conditions(root: Path) -> str:
+    """Load and disk flush latency now: both move these numbers more than any code change."""
+    flush = flush_ms(root)
+    ceiling = 1000 / (3 * flush) if flush > 0 else float("inf")
+    return (
+        f"load average {os.getloadavg()[0]:.2f}; disk flush {flush:.2f} ms "
+        f"(3 per node instance: ceiling ~{ceiling:.0f} instances/s)"
+    )
 
 
 def _run_all(

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import Connection, insert, select
+from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -77,7 +78,7 @@ class Ingestor:
         try:
             with self.audit.transaction() as connection:  # one commit: the instance row and its study
                 values = _instance_values(request, header, spooled, InstanceStatus.ACCEPTED)
-                connection.execute(insert(Instance), values)
+                connection.execute(_INSERT_INSTANCE, values)
                 _touch_study(connection, header.study_uid)
         except IntegrityError:  # the same instance committed by a concurrent association
             return self._record_duplicate(request, header, spooled)
@@ -104,7 +105,7 @@ class Ingestor:
         values["reason"] = "SOP instance already stored; first copy kept"
         try:
             with self.audit.transaction() as connection:
-                connection.execute(insert(Instance), values)
+                connection.execute(_INSERT_INSTANCE, values)
         except SQLAlchemyError as error:
             log.error("audit write failed for a duplicate, refused (0xA700): %s", error)
             return StoreStatus.OUT_OF_RESOURCES
@@ -151,16 +152,25 @@ def _instance_values(
     }
 
 
+def _study_upsert(dialect_insert: Any) -> Any:
+    """Create the study or mark it receiving again: one statement, safe under concurrency."""
+    statement = dialect_insert(Study).values(
+        study_uid=bindparam("study_uid"),
+        state=bindparam("state"),
+        first_received_at=bindparam("now"),
+        last_received_at=bindparam("now"),
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[Study.study_uid],
+        set_={"last_received_at": statement.excluded.last_received_at, "state": statement.excluded.state},
+    )
+
+
+# Built once: constructing a statement (and its cache key) per instance cost ~0.2 ms of CPU.
+_INSERT_INSTANCE = insert(Instance)
+_STUDY_UPSERT = {"postgresql": _study_upsert(postgresql.insert), "sqlite": _study_upsert(sqlite.insert)}
+
+
 def _touch_study(connection: Connection, study_uid: str) -> None:
-    """Create the study or mark it receiving again; one statement, safe under concurrency."""
-    now = utcnow()
-    insert_for = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
-    statement = insert_for(Study).values(
-        study_uid=study_uid, state=StudyState.RECEIVING, first_received_at=now, last_received_at=now
-    )
-    connection.execute(
-        statement.on_conflict_do_update(
-            index_elements=[Study.study_uid],
-            set_={"last_received_at": now, "state": StudyState.RECEIVING},
-        )
-    )
+    statement = _STUDY_UPSERT["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
+    connection.execute(statement, {"study_uid": study_uid, "state": StudyState.RECEIVING, "now": utcnow()})
