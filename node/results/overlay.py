@@ -20,7 +20,7 @@ from node.artefacts import ImageResult, ModelInfo
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
 MIN_RATIONALE_SCALE = 0.05  # a rationale weaker than 5 % grey is drawn faint, not stretched to full colour
-OVERLAY_OPACITY = 0.65
+OVERLAY_OPACITY = 0.55
 OVERLAY_FLOOR = 0.15  # fraction of the scale under which nothing is tinted
 CINE_MIN_SIZE = 512
 _WARNING_COLOUR = (255, 210, 0)
