@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from PIL import Image
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -212,3 +213,27 @@ def prepare_outbox(spool: Spool, job_id: str) -> list[OutboxEntry]:
     if entries is None:
         entries = write_outbox(spool, job_id, build_results(spool.results, job_id))
     return entries
+
+
+def write_previews(spool: Spool, job_id: str, folder: Path) -> list[Path]:
+    """PNGs of a job's SCs from its outbox (the cine's first and last frames), for people and the demo.
+
+    Named ``<image key>-<kind>.png``; returns the paths written. Raises
+    FileNotFoundError when the job has no complete outbox.
+    """
+    entries = read_outbox(spool, job_id)
+    if entries is None:
+        raise FileNotFoundError(f"job {job_id} has no complete outbox in {spool.outbox}: deliver it first")
+    folder.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for entry in entries:
+        if entry.kind == ObjectKind.REPORT.value:
+            continue
+        pixels = pydicom.dcmread(outbox_path(spool, job_id, entry)).pixel_array
+        cine = entry.kind == ObjectKind.CINE.value
+        frames = {"-first": pixels[0], "-last": pixels[-1]} if cine else {"": pixels}
+        for suffix, frame in frames.items():
+            path = folder / f"{uid_to_filename(entry.source_sop_instance_uid)}-{entry.kind}{suffix}.png"
+            Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(path)
+            written.append(path)
+    return written

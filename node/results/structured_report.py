@@ -13,6 +13,7 @@ pictures.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -30,6 +31,7 @@ from node.results.secondary_capture import (
 )
 from node.selection import RESULT_MANUFACTURER
 
+log = logging.getLogger(__name__)
 # Our own coding scheme (PS3.16 allows local schemes prefixed "99") for concepts no standard names.
 LOCAL_SCHEME = "99GVR"
 HEART_FAILURE_LIKELY = Code("HF-LIKELY", LOCAL_SCHEME, "Heart failure likely")
@@ -75,6 +77,19 @@ def _evidence_source(source: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+def _library_entries(source: Dataset) -> list[Dataset]:
+    """The source for the image library; left out when it lacks what the library describes.
+
+    highdicom's library entry for a projection radiograph reads PatientOrientation
+    (Type 1 in DX/CR, yet some senders omit it); the source stays the measurement
+    group's Source of Measurement and the SR's evidence either way.
+    """
+    if "PatientOrientation" not in source or len(source.PatientOrientation) != 2:
+        log.info("source %s has no PatientOrientation: not in the SR's image library", source.SOPInstanceUID)
+        return []
+    return [source]
 
 
 def _measurements(image: ImageResult) -> list[hd.sr.Measurement]:
@@ -147,7 +162,7 @@ def build_report(inputs: ReportInputs, identity: ResultIdentity) -> Dataset:
         observation_context=_observation_context(inputs.model),
         procedure_reported=PROCEDURE,
         imaging_measurements=[_group(inputs, source)],
-        referenced_images=[source, *inputs.pictures],
+        referenced_images=[*_library_entries(source), *inputs.pictures],
     )
     equipment = AlgorithmEquipment(inputs.model.name, inputs.model.version)
     sr = hd.sr.Comprehensive3DSR(

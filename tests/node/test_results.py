@@ -246,3 +246,68 @@ def test_results_and_delivery_never_import_torch() -> None:
             "bad = [m for m in sys.modules if m == 'torch' or m.startswith('inference')]; "
             "sys.exit(f'imported {bad}' if bad else 0)")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_build_results_minimal_source_still_valid(tmp_path: Path) -> None:
+    """A bare-bones source (no dates, birth date, orientation): our objects still pass dciodvfy."""
+    from pydicom.uid import generate_uid
+
+    from tests.factories import make_image
+
+    source = make_image(generate_uid(), size=64)
+    path = tmp_path / "bare.dcm"
+    source.save_as(path, enforce_file_format=True)
+    spool = Spool(tmp_path / "spool")
+    key = str(source.SOPInstanceUID)
+    image = ImageResult(key, key, str(path), 0.4, 0.1, False, 5, 0.01, True)
+    zeros = np.zeros((64, 64), np.float32)
+    write_job_result(spool.results, JobResult("bare", MODEL, "cpu", (image,)), {key: {"rationale": zeros}})
+    datasets = build_results(spool.results, "bare")
+    for number, ds in enumerate(datasets):
+        assert ds.PatientID == source.PatientID and ds.StudyInstanceUID == source.StudyInstanceUID
+        out = tmp_path / f"object-{number}.dcm"
+        out.write_bytes(encode(ds))
+        assert dciodvfy_errors(out) == [], str(ds.SOPClassUID)
+
+
+def test_display_image_monochrome1_matches_monochrome2() -> None:
+    """The same phantom stored MONOCHROME1 or MONOCHROME2 displays the same (bright = dense)."""
+    phantom = make_phantom(7, 128)
+    mono1 = display_image(phantom_dataset(phantom, monochrome1=True))
+    mono2 = display_image(phantom_dataset(phantom, monochrome1=False))
+    assert np.abs(mono1 - mono2).max() < 1e-3
+    assert float(np.corrcoef(mono2.ravel(), phantom.image.ravel())[0, 1]) > 0.99
+
+
+def test_build_results_two_images_one_series_each_kind(tmp_path: Path) -> None:
+    """Two images of one study: 8 objects, distinct UIDs, one series per kind, numbered in order."""
+    job = make_fake_job(tmp_path, arrays=("rationale", "healthy"))
+    second = job.source.copy()
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    second_path = tmp_path / "second.dcm"
+    second.save_as(second_path, enforce_file_format=True)
+    first_image = job.result.images[0]
+    image = ImageResult(
+        key="second", source_sop_instance_uid=str(second.SOPInstanceUID), source_path=str(second_path),
+        probability=0.3, probability_healthy=0.1, positive=False, steps=50, ood_score=0.02, ood_flag=False,
+    )  # fmt: skip
+    result = JobResult(job.job_id, MODEL, "cpu", (first_image, image))
+    rationale = np.zeros((256, 256), np.float32)
+    write_job_result(job.spool.results, result, {"second": {"rationale": rationale}})
+    datasets = build_results(job.spool.results, job.job_id)
+    assert len(datasets) == 5  # overlay, side-by-side, SR; overlay, SR
+    assert len({ds.SOPInstanceUID for ds in datasets}) == 5
+    series = {(ds.SeriesDescription, ds.SeriesInstanceUID) for ds in datasets}
+    assert {name for name, _ in series} == {"GVR rationale", "GVR report"} and len(series) == 2
+    assert [int(ds.InstanceNumber) for ds in datasets] == [1, 2, 1, 3, 2]
+
+
+def test_write_previews_pngs_of_each_picture(fake_job: FakeJob, tmp_path: Path) -> None:
+    """Previews: overlay, side-by-side and the cine's first and last frames, as PNG files."""
+    from node.results.build import write_previews
+
+    prepare_outbox(fake_job.spool, fake_job.job_id)
+    paths = write_previews(fake_job.spool, fake_job.job_id, tmp_path / "previews")
+    assert sorted(p.name.split("-", 1)[1] for p in paths) == [
+        "cine-sc-first.png", "cine-sc-last.png", "overlay-sc.png", "side-by-side-sc.png"]  # fmt: skip
+    assert Image.open(paths[0]).mode == "RGB"
