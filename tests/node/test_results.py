@@ -18,6 +18,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom import Dataset, config
+from pydicom.uid import UID
 
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
 from node.results import uids
@@ -283,7 +284,7 @@ def test_build_results_two_images_one_series_each_kind(tmp_path: Path) -> None:
     """Two images of one study: 8 objects, distinct UIDs, one series per kind, numbered in order."""
     job = make_fake_job(tmp_path, arrays=("rationale", "healthy"))
     second = job.source.copy()
-    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.77"
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.77")
     second_path = tmp_path / "second.dcm"
     second.save_as(second_path, enforce_file_format=True)
     first_image = job.result.images[0]
