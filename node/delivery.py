@@ -286,17 +286,34 @@ class _ProcessContext:
             self._context = DeliveryContext.load(load_settings(), "worker")
         return self._context
 
+    def reset(self) -> None:
+        """Forget the context (tests; a process whose settings changed)."""
+        if self._context is not None:
+            self._context.audit.dispose()
+        self._context = None
+
 
 PROCESS = _ProcessContext()
 
 
+class DeliveryTask(Task):  # type: ignore[misc]
+    """Only a failure hook: an unexpected error (not a scheduled retry) marks the job FAILED."""
+
+    def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = str(args[0]) if args else str(kwargs.get("job_id"))
+        try:
+            fail_job(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
+        except OperationalError as error:
+            log.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, exc, error)
+
+
 @shared_task(  # type: ignore[misc]
-    name=TASK_DELIVER, bind=True, acks_late=True, reject_on_worker_lost=True,
+    name=TASK_DELIVER, bind=True, base=DeliveryTask, acks_late=True, reject_on_worker_lost=True,
     autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=10,
     soft_time_limit=600, time_limit=900,
 )  # fmt: skip
 def deliver_results(self: Task, job_id: str) -> str:
-    """Deliver job ``job_id``: "sent", "retrying" or "failed"; see the module docstring."""
+    """Deliver job ``job_id``: "sent" or "failed", or a retry scheduled; see the module docstring."""
     ctx = PROCESS.get()
     policy = RetryPolicy.from_conf(self.app.conf)
     return run_delivery(ctx, job_id, policy, self.request.retries, self.retry)

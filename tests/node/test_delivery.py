@@ -318,3 +318,21 @@ def test_worker_delivers_once_pacs_returns(inferred_job: Any, pacs: Orthanc, tmp
     sent = [d for d in delivered.deliveries() if d.status == DeliveryStatus.SENT]
     assert len(sent) == OBJECTS and len({d.sop_instance_uid for d in sent}) == OBJECTS
     assert delivered.events("delivery.retry")
+
+
+def test_task_failure_hook_marks_job_failed(inferred_job: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected error in the task (say, a full disk) leaves the job FAILED with the reason, not INFERRED."""
+    from node.delivery import PROCESS, deliver_results
+
+    delivered = inferred_job([Peer(ae_title="NOBODY", host=LOOPBACK, port=free_port())])
+    monkeypatch.setenv("GVR_DATA_DIR", str(delivered.ctx.settings.data_dir))
+    PROCESS.reset()
+    try:
+        deliver_results.on_failure(
+            OSError(28, "No space left on device"), "task-1", [delivered.job_id], {}, None
+        )
+    finally:
+        PROCESS.reset()
+    job = delivered.state()
+    assert job.state == JobState.FAILED and job.error is not None and "No space left" in job.error
+    assert len(delivered.events("job.failed")) == 1
