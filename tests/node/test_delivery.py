@@ -336,3 +336,23 @@ def test_task_failure_hook_marks_job_failed(inferred_job: Any, monkeypatch: pyte
     job = delivered.state()
     assert job.state == JobState.FAILED and job.error is not None and "No space left" in job.error
     assert len(delivered.events("job.failed")) == 1
+
+
+def test_resend_cli_queues_on_dicom_queue(
+    inferred_job: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`gvr resend JOB` without --now puts one node.deliver_results message on the broker."""
+    import sqlite3
+
+    from node.cli.main import main
+
+    delivered = inferred_job([Peer(ae_title="NOBODY", host=LOOPBACK, port=free_port())])
+    settings = delivered.ctx.settings
+    monkeypatch.setenv("GVR_DATA_DIR", str(settings.data_dir))
+    assert main(["resend", delivered.job_id]) == 0
+    assert "delivery queued on 'dicom'" in capsys.readouterr().out
+    broker = settings.celery_broker_url.removeprefix("sqla+sqlite:///")
+    with sqlite3.connect(broker) as connection:
+        payloads = [row[0] for row in connection.execute("SELECT payload FROM kombu_message")]
+    assert len(payloads) == 1 and TASK_DELIVER in payloads[0] and delivered.job_id in payloads[0]
+    assert main(["resend", delivered.job_id, "--to", "X@127.0.0.1:1"]) == 2  # --to needs --now
