@@ -206,7 +206,8 @@ def test_node_postgresql_audit_db(node_factory: Any, postgres_url: str, tmp_path
 def test_node_entry_point_never_imports_torch() -> None:
     """The SCP side stays light: importing the node's entry points leaves torch unloaded."""
     code = (
-        "import sys, node.cli.main, node.service, node.cli.node_cmd, node.cli.send, node.cli.echo;"
+        "import sys, node.cli.main, node.service, node.cli.node_cmd, node.cli.send, node.cli.echo,"
+        " node.delivery, node.results.build;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
