@@ -45,9 +45,8 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     if broker.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacknowledged job after this; keep it above the longest job.
         app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
-        # issue 6: task events for Flower (`gvr monitor`); they need Redis's pub/sub
+        # issue 6: workers send task events for Flower (`gvr monitor`); they need Redis's pub/sub
         app.conf.worker_send_task_events = True
-        app.conf.task_send_sent_event = True
     return app
 
 
