@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +185,9 @@ def node_command() -> list[str]:
 def bench_node(source: Path, count: int, work: Path) -> Run:
     """The node with its defaults (SQLite audit, durable spool); checks all were kept."""
     data_dir, port = work / "node-data", free_port()
-    env = {
-        **os.environ,
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("GVR_")}
+    env = {  # the defaults (SQLite audit DB, server-less broker), whatever the caller's shell sets
+        **inherited,
         "GVR_DATA_DIR": str(data_dir),
         "GVR_PORT": str(port),
         "GVR_BIND_ADDRESS": "127.0.0.1",
@@ -200,7 +201,7 @@ def bench_node(source: Path, count: int, work: Path) -> Run:
 
 
 def check_node_kept(data_dir: Path, count: int) -> None:
-    with sqlite3.connect(data_dir / "audit.sqlite3") as db:
+    with closing(sqlite3.connect(data_dir / "audit.sqlite3")) as db:
         statuses = dict(db.execute("select status, count(*) from instances group by status").fetchall())
     files = sum(1 for _ in (data_dir / "spool" / "incoming").rglob("*.dcm"))
     if statuses != {"accepted": count} or files != count:
