@@ -203,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    bundle = load_bundle(args.bundle or default_bundle_path())
+    bundle = load_bundle(args.bundle or default_bundle_path()) if args.which != "mnist" else None
     config = RationaleConfig()
     summary: dict[str, Any] = {}
-    if args.which in ("quality", "all"):
+    if bundle is not None and args.which in ("quality", "all"):
         report = quality(bundle, 48 if args.quick else args.n, args.out, config)
         print(f"\n## Rationale quality ({report['bundle']}, {report['positives_with_sign']} positives of "
               f"{report['held_out']} held-out phantoms)\n\n{quality_table(report['rows'])}")
         summary["quality"] = report
-    if args.which in ("speed", "all"):
+    if bundle is not None and args.which in ("speed", "all"):
         from benchmarks.rationale_speed import speed, speed_table
 
         rows = speed(bundle, config, repeats=1 if args.quick else 3)
