@@ -66,14 +66,14 @@ def train_digit_bundle(images: np.ndarray, labels: np.ndarray, out: Path, quick:
     from training.train_encoder import EncoderTraining, train_encoder
     from training.train_generator import GeneratorTraining, load_generator, train_generator
 
-    arch = ArchitectureConfig(resolution=RESOLUTION, latent_dim=32, generator_channels=16, critic_channels=16,
-                              encoder_channels=16)
-    steps = 150 if quick else 1500
-    train_generator(images, GeneratorTraining(architecture=arch, steps=steps, batch=64, lr=5e-4,
+    arch = ArchitectureConfig(resolution=RESOLUTION, latent_dim=32, generator_channels=12, critic_channels=12,
+                              encoder_channels=12)
+    steps = 150 if quick else 800
+    train_generator(images, GeneratorTraining(architecture=arch, steps=steps, batch=32, lr=5e-4,
                                               checkpoint_every=steps, log_every=50), out / "g",
                     data_description="sklearn digits")
     generator = load_generator(out / "g")
-    train_encoder(images, generator, EncoderTraining(steps=steps, batch=64, lr=1e-3, channels=16, image_weight=5,
+    train_encoder(images, generator, EncoderTraining(steps=steps, batch=32, lr=1e-3, channels=12, image_weight=5,
                                                      checkpoint_every=steps, log_every=50), out / "e")
     from training.train_encoder import load_encoder
 

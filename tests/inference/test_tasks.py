@@ -249,3 +249,12 @@ def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings,
     assert json.loads((result_dir / "result.json").read_text())["job_id"] == job_id
     assert _dicom_queue_length(worker_settings.celery_broker_url) == 1
     audit.dispose()
+
+
+def test_worker_cli_refuses_bad_options() -> None:
+    """An unknown queue, a zero concurrency or an invalid rationale option: exit 2 before any worker starts."""
+    from inference.cli import worker as worker_cli
+
+    assert worker_cli.main(["--queues", "gpu,video"]) == 2
+    assert worker_cli.main(["--concurrency", "0"]) == 2
+    assert worker_cli.main(["--weight", "-1"]) == 2
