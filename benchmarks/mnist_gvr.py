@@ -68,13 +68,13 @@ def train_digit_bundle(images: np.ndarray, labels: np.ndarray, out: Path, quick:
 
     arch = ArchitectureConfig(resolution=RESOLUTION, latent_dim=32, generator_channels=12, critic_channels=12,
                               encoder_channels=12)
-    steps = 150 if quick else 800
+    steps = 150 if quick else 3000
     train_generator(images, GeneratorTraining(architecture=arch, steps=steps, batch=32, lr=5e-4,
                                               checkpoint_every=steps, log_every=50), out / "g",
                     data_description="sklearn digits")
     generator = load_generator(out / "g")
-    train_encoder(images, generator, EncoderTraining(steps=steps, batch=32, lr=1e-3, channels=12, image_weight=5,
-                                                     checkpoint_every=steps, log_every=50), out / "e")
+    train_encoder(images, generator, EncoderTraining(steps=steps // 2, batch=32, lr=1e-3, channels=12, image_weight=5,
+                                                     checkpoint_every=steps // 2, log_every=50), out / "e")
     from training.train_encoder import load_encoder
 
     encoder = load_encoder(out / "e")

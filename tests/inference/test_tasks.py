@@ -172,7 +172,7 @@ def worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
     yield start
     for process in started:
         if process.poll() is None:
-            stop_process(process, 10.0)
+            stop_process(process, 10.0, sig=signal.SIGQUIT)  # cold shutdown: nothing left to finish
 
 
 def _wait_for_state(audit: AuditDB, job_id: str, states: set[JobState], timeout: float = 40.0) -> Job:
