@@ -113,6 +113,10 @@ class AssociationLog:
 def handle_conn_open(event: Any) -> None:
     if event.assoc.dul.socket is not None and event.assoc.dul.socket.socket is not None:
         set_nodelay(event.assoc.dul.socket.socket)
+        # issue 6: an accepted socket blocks without limit, so a peer that stops mid-PDU held this
+        # thread and an association slot for ever (tests/reliability/test_bad_inputs.py); with a
+        # timeout, pynetdicom's read fails after network_timeout and closes the connection.
+        event.assoc.dul.socket.socket.settimeout(event.assoc.network_timeout)
     # The DUL thread sleeps this long whenever it finds nothing to do, so each response
     # waits up to that long before it is sent. The thread lives only as long as this
     # connection, so the faster poll costs CPU only while a peer is connected.
