@@ -1,0 +1,153 @@
+"""Security at the door: unknown calling AE titles rejected and audited; TLS with client certificates.
+
+Certificates come from the ``openssl`` CLI: a test CA, the node's server
+certificate (SAN IP 127.0.0.1), a client certificate from the same CA, and a
+client certificate from a second, untrusted CA.
+"""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+from sqlalchemy import select
+
+from node.audit.db import AuditDB
+from node.audit.models import Association, AssociationOutcome
+from tests.factories import write
+from tests.peers import LOOPBACK, free_port, require_tool
+from tests.reliability.harness import (
+    CALLING_AE,
+    FIGURES,
+    ManagedProcess,
+    base_env,
+    phi_image,
+    send_paths,
+    start_node,
+    wait_until,
+)
+
+
+@dataclass(frozen=True)
+class Pki:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def _issue(folder: Path, name: str, subject: str, ca: str, extensions: str) -> None:
+    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=folder)  # fmt: skip
+    (folder / f"{name}.ext").write_text(extensions)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
+             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    require_tool("openssl", "openssl")
+    folder = tmp_path_factory.mktemp("pki")
+    for ca in ("ca", "rogue-ca"):
+        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=gvr test {ca}",
+                 cwd=folder)  # fmt: skip
+    _issue(folder, "server", "/CN=127.0.0.1", "ca",
+           "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    _issue(folder, "client", f"/CN={CALLING_AE}", "ca", "extendedKeyUsage=clientAuth\n")
+    _issue(folder, "rogue", f"/CN={CALLING_AE}", "rogue-ca", "extendedKeyUsage=clientAuth\n")
+    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
+               folder / "client.key", folder / "rogue.pem", folder / "rogue.key")  # fmt: skip
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[dict[str, str], list[ManagedProcess]]]:
+    env = base_env(data_dir=str(tmp_path / "data"), port=str(free_port()), allowed_calling_aets=CALLING_AE,
+                   min_free_disk_mb="0", acse_timeout="3", network_timeout="5")  # fmt: skip
+    started: list[ManagedProcess] = []
+    yield env, started
+    for process in started:
+        process.stop()
+
+
+def _associations(data_dir: str) -> list[Association]:
+    audit = AuditDB(f"sqlite:///{Path(data_dir) / 'audit.sqlite3'}")
+    try:
+        with audit.session() as session:
+            return list(session.scalars(select(Association).order_by(Association.id)))
+    finally:
+        audit.dispose()
+
+
+def test_unknown_calling_ae_rejected_and_audited(node: tuple[dict[str, str], list[ManagedProcess]],
+                                                 tmp_path: Path) -> None:  # fmt: skip
+    """A calling AE title outside allowed_calling_aets is rejected, with a REJECTED row naming it."""
+    env, started = node
+    started.append(start_node(env, tmp_path / "gvr-node-security.log"))
+    ae = AE(ae_title="INTRUDER")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, int(env["GVR_PORT"]), ae_title="GVRNODE")
+    assert assoc.is_rejected
+    FIGURES.bad_inputs_tried += 1
+    rows = wait_until(lambda: _associations(env["GVR_DATA_DIR"]), 10, "the rejection's audit row")
+    assert rows[-1].outcome == AssociationOutcome.REJECTED and rows[-1].calling_ae == "INTRUDER"
+    assert "INTRUDER" in (rows[-1].reason or "")
+    FIGURES.bad_inputs_refused += 1
+
+
+def _client_context(pki: Pki, cert: Path | None, key: Path | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
+    if cert is not None and key is not None:
+        context.load_cert_chain(str(cert), str(key))
+    return context
+
+
+def _tls_association_established(port: int, context: ssl.SSLContext | None) -> bool:
+    ae = AE(ae_title=CALLING_AE)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(LOOPBACK, port, ae_title="GVRNODE", tls_args=(context, LOOPBACK) if context else None)
+    established = bool(assoc.is_established)
+    if established:
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+    return established
+
+
+def test_tls_required_test_ca_client_works_plain_refused(
+    node: tuple[dict[str, str], list[ManagedProcess]], pki: Pki, tmp_path: Path
+) -> None:
+    """With tls_ca set: the test CA's client certificate associates and stores; plain, no cert, rogue CA fail."""
+    env, started = node
+    env.update(GVR_TLS_CERT=str(pki.server_cert), GVR_TLS_KEY=str(pki.server_key), GVR_TLS_CA=str(pki.ca))
+    started.append(start_node(env, tmp_path / "gvr-node-tls.log"))
+    port = int(env["GVR_PORT"])
+
+    trusted = _client_context(pki, pki.client_cert, pki.client_key)
+    assert _tls_association_established(port, trusted)
+    image = write(phi_image(), tmp_path / "tls")
+    assert send_paths(port, [image], tls=(trusted, LOOPBACK)).acknowledged == [image.stem]
+
+    refused = {
+        "plain": _tls_association_established(port, None),
+        "tls without a client certificate": _tls_association_established(port, _client_context(pki, None, None)),
+        "client certificate from another CA": _tls_association_established(
+            port, _client_context(pki, pki.rogue_cert, pki.rogue_key)),
+    }  # fmt: skip
+    assert refused == dict.fromkeys(refused, False)
+    FIGURES.bad_inputs_tried += len(refused)
+    FIGURES.bad_inputs_refused += len(refused)
+    rows = _associations(env["GVR_DATA_DIR"])
+    assert [row.tls for row in rows if row.outcome != AssociationOutcome.REJECTED] == [True, True]
