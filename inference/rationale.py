@@ -127,9 +127,22 @@ class Rationale:
         return int(self.p0.shape[0])
 
 
+L1_SMOOTHING = 1e-3  # |d| is taken as sqrt(d^2 + eps^2) - eps: L1 everywhere but within eps of 0
+
+
 def _distance(a: torch.Tensor, b: torch.Tensor, kind: Distance) -> torch.Tensor:
+    """Mean per-pixel distance per image.
+
+    L1 is smoothed at 0 (Charbonnier): at the first step ``G(z) = G(z0)`` and the
+    subgradient of ``|d|`` would be the sign of float noise (a decode of a
+    different batch size differs by ~1e-7), which makes the path of an image
+    depend on its batch; the smooth form has a gradient of ~d / eps there instead.
+    """
     diff = a - b
-    per_pixel = diff.abs() if kind is Distance.L1 else diff.square()
+    if kind is Distance.L1:
+        per_pixel = torch.sqrt(diff.square() + L1_SMOOTHING**2) - L1_SMOOTHING
+    else:
+        per_pixel = diff.square()
     return per_pixel.flatten(1).mean(dim=1)
 
 
@@ -157,11 +170,13 @@ def optimise_latents(bundle: Bundle, z0: torch.Tensor, config: RationaleConfig
         active = active & (torch.sigmoid(logits.detach()) >= target)
         if step == config.max_steps or not bool(active.any()):
             break
-        loss = logits
+        rows = active.nonzero().squeeze(1)  # only images still moving cost a decode
+        z_rows = z[rows]
+        loss = logits[rows]
         if config.weight > 0:
-            loss = loss + config.weight * _distance(bundle.generator.decode(z), reference, config.distance)
+            loss = loss + config.weight * _distance(bundle.generator.decode(z_rows), reference[rows], config.distance)
         if config.prior_weight > 0:
-            loss = loss + config.prior_weight * z.square().mean(dim=1)
+            loss = loss + config.prior_weight * z_rows.square().mean(dim=1)
         optimiser.zero_grad(set_to_none=True)
         loss.sum().backward()  # type: ignore[no-untyped-call]
         before = z.detach().clone()

@@ -74,12 +74,12 @@ def test_explain_is_deterministic(tiny_bundle: Bundle, images: torch.Tensor) -> 
 
 
 def test_explain_batch_equals_sequential(tiny_bundle: Bundle, images: torch.Tensor) -> None:
-    """One batch of 6 gives each image what it gets alone (frozen images do not move the others)."""
+    """One batch of 6 gives each image what it gets alone (frozen images neither move nor cost a decode)."""
     batch = explain(tiny_bundle, images[:6])
     for i in range(6):
         alone = explain(tiny_bundle, images[i:i + 1])
         assert alone.steps[0] == batch.steps[i]
-        np.testing.assert_allclose(alone.rationale[0], batch.rationale[i], atol=1e-4)
+        np.testing.assert_allclose(alone.rationale[0], batch.rationale[i], atol=1e-5)
         np.testing.assert_allclose(alone.p_star[0], batch.p_star[i], atol=1e-5)
 
 
