@@ -38,19 +38,19 @@ def _add_generator(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     p = sub.add_parser("generator", help="WGAN-GP on unlabelled images", formatter_class=_FMT)
     p.add_argument("--data", required=True, help=_data_help())
     arch = p.add_argument_group("architecture")
-    arch.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128, 256))
+    arch.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128, 256), help="model image side (px)")
     arch.add_argument("--latent", type=int, default=100, help="latent size")
     arch.add_argument("--channels", type=int, default=16, help="width of the full-resolution layers (G and critic)")
     arch.add_argument("--max-channels", type=int, default=256, help="widest layer")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=5000, help="generator updates")
-    opt.add_argument("--batch", type=int, default=64)
-    opt.add_argument("--lr", type=float, default=5e-5)
-    opt.add_argument("--beta1", type=float, default=0.5)
-    opt.add_argument("--beta2", type=float, default=0.9)
+    opt.add_argument("--steps", type=int, default=5000, help="generator updates (total, also with --resume)")
+    opt.add_argument("--batch", type=int, default=64, help="images per batch")
+    opt.add_argument("--lr", type=float, default=5e-5, help="Adam learning rate (generator and critic)")
+    opt.add_argument("--beta1", type=float, default=0.5, help="Adam beta1")
+    opt.add_argument("--beta2", type=float, default=0.9, help="Adam beta2")
     opt.add_argument("--critic-steps", type=int, default=2, help="critic updates per generator update")
     opt.add_argument("--gp", type=float, default=10.0, help="gradient-penalty weight")
-    opt.add_argument("--checkpoint-every", type=int, default=500)
+    opt.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     _common(p)
 
 
@@ -59,14 +59,14 @@ def _add_encoder(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     p.add_argument("--generator", type=Path, required=True, help="folder of `gvr train generator`")
     p.add_argument("--data", required=True, help=_data_help())
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--steps", type=int, default=2000)
-    opt.add_argument("--batch", type=int, default=64)
-    opt.add_argument("--lr", type=float, default=2e-4)
+    opt.add_argument("--steps", type=int, default=2000, help="encoder updates (total, also with --resume)")
+    opt.add_argument("--batch", type=int, default=64, help="images (and latent samples) per batch")
+    opt.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate")
     opt.add_argument("--channels", type=int, default=32, help="width of the encoder's full-resolution layer")
     opt.add_argument("--latent-weight", type=float, default=1.0, help="weight of mean (E(G(z)) - z)^2")
     opt.add_argument("--image-weight", type=float, default=1.0, help="weight of mean |G(E(x)) - x|")
     opt.add_argument("--norm-weight", type=float, default=0.0, help="weight of the latent-norm term")
-    opt.add_argument("--checkpoint-every", type=int, default=500)
+    opt.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     _common(p)
 
 
@@ -77,7 +77,7 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--generator", type=Path, required=True, help="folder of `gvr train generator`")
     p.add_argument("--threshold", type=float, default=100.0, help="BNP (ng/L) at or above which label = 1")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--val-fraction", type=float, default=0.2)
+    opt.add_argument("--val-fraction", type=float, default=0.2, help="stratified validation share")
     opt.add_argument("--epochs", type=int, default=600, help="full-batch epochs per candidate")
     opt.add_argument("--overfit", action="store_true",
                      help="also fit the paper's control: a deliberately overfitted wide MLP")
@@ -134,7 +134,12 @@ def _run_classifier(args: argparse.Namespace) -> dict[str, object]:
     from training.data import load_labelled
     from training.evaluate import latents_of
     from training.progress import resolve_device
-    from training.train_classifier import ClassifierTraining, overfit_classifier, save_classifier, select_classifier
+    from training.train_classifier import (
+        ClassifierTraining,
+        overfit_classifier,
+        save_classifier,
+        select_classifier,
+    )
     from training.train_encoder import load_encoder
     from training.train_generator import load_generator
 
