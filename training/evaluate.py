@@ -136,7 +136,7 @@ def evaluate_bundle(bundle: Any, data: LabelledImages, out: Path, bootstrap: int
     sens, spec = operating_point(labels, probabilities, threshold)
     calibration = calibration_bins(labels, probabilities)
     errors = reconstruction_errors(bundle.encoder, bundle.generator, data.images)
-    report = {"n": int(len(labels)), "positives": int(labels.sum()), "auc": auc, "auc_ci95": [low, high],
+    report = {"n": len(labels), "positives": int(labels.sum()), "auc": auc, "auc_ci95": [low, high],
               "decision_threshold": threshold, "sensitivity": sens, "specificity": spec,
               "bnp_threshold": data.threshold, "calibration": calibration,
               "brier": float(np.mean((probabilities - labels) ** 2)),
