@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--studies", type=int, default=4, help="phantom studies to send (half positive)")
     parser.add_argument("--out", type=Path, default=None, help="folder for everything (default gvr-data/demo-<time>)")
-    parser.add_argument("--timeout", type=float, default=150.0, help="seconds to wait for all results")
+    parser.add_argument("--timeout", type=float, default=100.0, help="seconds to wait for all results")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
