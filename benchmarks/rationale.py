@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 HELD_OUT_SEED = 900_000  # far above any training range the demo recipe uses
 BATCH = 16
+PHANTOM_SIZE = 256  # the demo bundle was trained on phantoms:...@256
 
 
 def mask_at(mask: np.ndarray, resolution: int) -> np.ndarray:
@@ -52,13 +53,16 @@ def mask_at(mask: np.ndarray, resolution: int) -> np.ndarray:
     return out
 
 
-def held_out_phantoms(n: int, resolution: int) -> tuple[torch.Tensor, np.ndarray]:
-    """(model images N x 1 x R x R, union-of-signs masks N x R x R) of phantoms never trained on."""
+def held_out_phantoms(n: int, resolution: int, size: int = PHANTOM_SIZE) -> tuple[torch.Tensor, np.ndarray]:
+    """(model images N x 1 x R x R, union-of-signs masks N x R x R) of phantoms never trained on.
+
+    Drawn at ``size`` px (the demo recipe's ``@256``) and preprocessed like training images.
+    """
     from training.phantoms import make_phantom
 
     images, masks = [], []
     for seed in range(HELD_OUT_SEED, HELD_OUT_SEED + n):
-        phantom = make_phantom(seed, max(resolution, MIN_SIDE))
+        phantom = make_phantom(seed, max(size, resolution, MIN_SIDE))
         images.append(array_to_model_image(np.asarray(phantom.image), resolution)[0])
         union = np.logical_or.reduce([m for m in phantom.masks.values()])
         masks.append(mask_at(union, resolution))
