@@ -175,7 +175,8 @@ def print_summary(studies: list[DemoStudy], jobs: dict[str, Job], pacs: DemoPacs
         truth = "HF+" if study.truth_positive else "HF-"
         image = (((job.result if job else None) or {}).get("images") or [{}])[0]
         probability = image.get("probability")
-        finding = image.get("finding", "-")
+        positive = image.get("positive")
+        finding = "-" if positive is None else "heart failure " + ("likely" if positive else "unlikely")
         p = f"{probability:6.2f}" if isinstance(probability, (float, int)) else f"{'-':>6}"
         turnaround = f"{study.turnaround:9.1f}s" if study.turnaround is not None else f"{'-':>10}"
         state = job.state.value if job else "no job"
