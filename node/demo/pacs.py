@@ -76,7 +76,8 @@ class OrthancPacs:
             return False
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
+        """REST call; ``body`` is sent as JSON, or as is when it is bytes."""
+        data = body if isinstance(body, bytes) else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(self.url + path, data=data, method=method)
         with urllib.request.urlopen(request, timeout=10) as response:
             payload = response.read()
@@ -88,6 +89,19 @@ class OrthancPacs:
             tags = self.request("GET", f"/instances/{instance_id}/simplified-tags")
             uids.add(tags.get("SOPInstanceUID", ""))
         return uids
+
+    def upload(self, path: Path) -> dict[str, Any]:
+        """POST /instances: store a file in Orthanc as if a modality had sent it."""
+        answer: dict[str, Any] = self.request("POST", "/instances", path.read_bytes())
+        return answer
+
+    def study_id(self, study_uid: str) -> str:
+        """Orthanc's identifier of a study, by StudyInstanceUID."""
+        matches = self.request("POST", "/tools/lookup", study_uid.encode())
+        ids = [match["ID"] for match in matches if match["Type"] == "Study"]
+        if not ids:
+            raise LookupError(f"Orthanc holds no study {study_uid}")
+        return str(ids[0])
 
     def has_report(self, study_uid: str) -> bool:
         """Is a Structured Report stored in this study yet?"""
