@@ -30,7 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.audit.db import AuditDB
 from node.audit.models import Delivery, DeliveryStatus, Job, JobState
 from node.errors import StoreStatus
-from node.ingest import IngestResult, Ingestor, StoreRequest
+from node.ingest import Ingestor, IngestResult, StoreRequest
 from node.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -122,7 +122,7 @@ def queue_depths(broker_url: str) -> QueueDepths:
             return _redis_depths(broker_url, shown)
         if broker_url.startswith("sqla+sqlite:///"):
             return _sqlite_depths(broker_url.removeprefix("sqla+sqlite:///"), shown)
-    except Exception as error:  # redis, sqlite and socket errors alike: report, do not crash
+    except Exception as error:  # noqa: BLE001 - redis, sqlite and socket errors alike: report, do not crash
         return QueueDepths(shown, error=f"{type(error).__name__}: {error}")
     return QueueDepths(shown, error="queue depths are read from Redis or the SQLite broker only")
 
@@ -159,7 +159,7 @@ def live_workers(settings: Settings, timeout: float) -> Workers:
         app.conf.broker_connection_retry = False
         app.conf.broker_connection_max_retries = 0
         answers = app.control.inspect(timeout=timeout).ping() or {}
-    except Exception as error:  # kombu/redis connection errors: report them
+    except Exception as error:  # noqa: BLE001 - kombu/redis connection errors of many types: report them
         return Workers(error=f"{type(error).__name__}: {error}")
     finally:
         app.close()

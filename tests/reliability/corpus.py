@@ -24,6 +24,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -104,7 +105,7 @@ def build_corpus() -> list[BadInstance]:
     no_study = _image()
     del no_study.StudyInstanceUID
     head_ct = _image(Modality="CT", BodyPartExamined="HEAD", SOPClassUID=CT_IMAGE)
-    head_ct.file_meta.MediaStorageSOPClassUID = CT_IMAGE
+    head_ct.file_meta.MediaStorageSOPClassUID = UID(CT_IMAGE)
     ds = _image()
     corpus = [
         _bad("truncated_in_pixel_data", _image(), lambda b: b[:-700]),

@@ -237,7 +237,9 @@ def send_paths(port: int, paths: Iterable[Path], calling_ae: str = CALLING_AE, s
     if not assoc.is_established:
         result.error = "association not established"
         return result
-    set_nodelay(assoc.dul.socket.socket)
+    transport = assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        set_nodelay(transport.socket)
     try:
         for path in paths:
             uid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
@@ -264,7 +266,7 @@ def send_in_parallel(port: int, batches: list[list[Path]]) -> list[SendLog]:
     def run(index: int) -> None:
         try:
             logs[index] = send_paths(port, batches[index])
-        except Exception as error:  # a sender thread must report, not vanish
+        except Exception as error:  # noqa: BLE001 - a sender thread must report, not vanish
             logs[index].error = repr(error)
 
     threads = [threading.Thread(target=run, args=(i,), name=f"sender-{i}") for i in range(len(batches))]

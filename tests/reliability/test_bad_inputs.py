@@ -236,7 +236,9 @@ def test_idle_association_aborted_and_audited(bad_node: BadNode) -> None:
     ae.add_requested_context(DX_FOR_PRESENTATION, "1.2.840.10008.1.2.1")
     assoc = ae.associate(LOOPBACK, bad_node.port, ae_title="GVRNODE")
     assert assoc.is_established
-    local_port = assoc.dul.socket.socket.getsockname()[1]
+    transport = assoc.dul.socket
+    assert transport is not None and transport.socket is not None
+    local_port = transport.socket.getsockname()[1]
     wait_until(lambda: not assoc.is_established, NETWORK_TIMEOUT + 10, "the node to end the idle association")
 
     def audited() -> bool:

@@ -22,7 +22,16 @@ from sqlalchemy import func, select
 
 from node.audit.db import AuditDB
 from node.audit.migrate import upgrade
-from node.audit.models import Delivery, DeliveryStatus, Instance, InstanceStatus, Job, JobState, Study, StudyState
+from node.audit.models import (
+    Delivery,
+    DeliveryStatus,
+    Instance,
+    InstanceStatus,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+)
 from tests.peers import LOOPBACK, direct_opener, free_port
 from tests.peers_orthanc import Orthanc
 from tests.reliability.harness import (
@@ -70,7 +79,7 @@ class Chaos(threading.Thread):
             self.victim.kill()
             time.sleep(1.0)
             self.redis_down_seconds = self.redis.restart()
-        except Exception as error:  # reported by the test
+        except Exception as error:  # noqa: BLE001 - the thread reports any failure to the test
             self.error = repr(error)
 
 

@@ -74,5 +74,5 @@ def test_node_killed_with_jobs_queued_and_running_all_complete(tmp_path: Path, b
     assert Counter(uid for uid, *_ in jobs) == Counter({uid: 1 for uid, _ in studies})
     assert {state for _, state, _ in jobs} == {JobState.SENT}
     FIGURES.jobs_sent += len(jobs)
-    FIGURES.notes.append(f"node SIGKILL with jobs {dict((k.value, v) for k, v in at_kill.items())} "
-                         "+ 1 study receiving: all 4 SENT after restart")  # fmt: skip
+    states = {state.value: count for state, count in at_kill.items()}
+    FIGURES.notes.append(f"node SIGKILL with jobs {states} + 1 study receiving: all 4 SENT after restart")

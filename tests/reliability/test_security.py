@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from pynetdicom import AE
-from pynetdicom.sop_class import Verification
 from sqlalchemy import select
 
 from node.audit.db import AuditDB
@@ -32,6 +31,8 @@ from tests.reliability.harness import (
     start_node,
     wait_until,
 )
+
+VERIFICATION = "1.2.840.10008.1.1"
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def test_unknown_calling_ae_rejected_and_audited(node: tuple[dict[str, str], lis
     env, started = node
     started.append(start_node(env, tmp_path / "gvr-node-security.log"))
     ae = AE(ae_title="INTRUDER")
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(LOOPBACK, int(env["GVR_PORT"]), ae_title="GVRNODE")
     assert assoc.is_rejected
     FIGURES.bad_inputs_tried += 1
@@ -117,7 +118,7 @@ def _client_context(pki: Pki, cert: Path | None, key: Path | None) -> ssl.SSLCon
 
 def _tls_association_established(port: int, context: ssl.SSLContext | None) -> bool:
     ae = AE(ae_title=CALLING_AE)
-    ae.add_requested_context(Verification)
+    ae.add_requested_context(VERIFICATION)
     assoc = ae.associate(LOOPBACK, port, ae_title="GVRNODE", tls_args=(context, LOOPBACK) if context else None)
     established = bool(assoc.is_established)
     if established:
