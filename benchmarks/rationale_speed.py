@@ -58,6 +58,7 @@ def _positives(bundle: Bundle, count: int) -> torch.Tensor:
 def speed(bundle: Bundle, config: RationaleConfig, repeats: int = 3) -> list[dict[str, Any]]:
     """One row per batch size: seconds per image, mean steps, floor and ratio."""
     images = _positives(bundle, 16)
+    explain(bundle, images[:2], config)  # warm-up: the first call pays ~1.5 s of one-time initialisation
     rows = []
     for batch_size in (1, 16):
         walls, floors, steps = [], [], []
