@@ -48,7 +48,7 @@ def test_assembler_complete_study_gets_one_job_with_eligible_images(running_node
         assert len(list(session.scalars(select(JobImage)))) == 2
         event = session.scalar(select(Event).where(Event.kind == "job.queued"))
         assert event is not None and "LL" in str(event.details)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while not enqueued and time.monotonic() < deadline:
         time.sleep(0.05)
     assert enqueued == [jobs[0].id]
@@ -99,7 +99,7 @@ def test_assembler_broker_down_job_sent_later(running_node: Any, tmp_path: Path)
         assert job is not None and job.enqueued_at is None
     sent: list[str] = []
     service.assembler.enqueue = sent.append
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 20
     while not sent and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sent == [job.id] and attempts
