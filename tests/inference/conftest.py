@@ -1,9 +1,10 @@
-"""One tiny bundle per test session, trained on phantoms with the real training commands.
+"""One bundle per test session: the committed demo bundle, else a tiny one trained here.
 
-32 px, a 16-dimensional latent, 8-channel networks: it trains in seconds and is
-good enough for what the inference tests check (the optimisation moves the
-classifier, stays near the decoding, runs in a worker). Set ``GVR_TEST_BUNDLE``
-to a bundle folder to use that one instead.
+The tiny one (32 px, a 16-dimensional latent, 8-channel networks) is trained on
+phantoms with the real training commands in about 15 s and is good enough for
+what the inference tests check (the optimisation moves the classifier, stays
+near the decoding, runs in a worker). ``GVR_TEST_BUNDLE=DIR`` picks a bundle;
+``GVR_TEST_BUNDLE=train`` forces the tiny one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.bundle import Bundle, load_bundle
+from inference.bundle import DEMO_BUNDLE, MANIFEST_FILE, Bundle, load_bundle
 
 TINY_DATA = "phantoms:0-239@64"
 
@@ -45,10 +46,12 @@ def _train_tiny_bundle(root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A bundle folder (``GVR_TEST_BUNDLE`` or trained once for the session)."""
-    given = os.environ.get("GVR_TEST_BUNDLE")
-    if given:
+    """A bundle folder: ``GVR_TEST_BUNDLE``, the demo bundle, or one trained once for the session."""
+    given = os.environ.get("GVR_TEST_BUNDLE", "")
+    if given and given != "train":
         return Path(given)
+    if not given and (DEMO_BUNDLE / MANIFEST_FILE).is_file():
+        return DEMO_BUNDLE
     before = torch.get_num_threads()
     try:
         return _train_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))

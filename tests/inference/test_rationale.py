@@ -16,7 +16,8 @@ from training.phantoms import make_phantom
 def images(tiny_bundle: Bundle) -> torch.Tensor:
     """24 held-out phantoms (seeds the tiny bundle never saw) as a model batch."""
     r = tiny_bundle.manifest.resolution
-    pixels = [array_to_model_image(np.asarray(make_phantom(seed, 64).image), r)[0] for seed in range(500, 524)]
+    size = max(64, 2 * r)
+    pixels = [array_to_model_image(np.asarray(make_phantom(seed, size).image), r)[0] for seed in range(500, 524)]
     return torch.from_numpy(np.stack(pixels))[:, None]
 
 
@@ -85,7 +86,8 @@ def test_explain_batch_equals_sequential(tiny_bundle: Bundle, images: torch.Tens
 
 def test_explain_flags_out_of_distribution(tiny_bundle: Bundle, images: torch.Tensor) -> None:
     """Noise is far from what the encoder learned: its score is above p99 and flagged."""
-    noise = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 1, 32, 32)).astype(np.float32))
+    r = tiny_bundle.manifest.resolution
+    noise = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 1, r, r)).astype(np.float32))
     result = explain(tiny_bundle, torch.cat([images[:2], noise]), RationaleConfig(max_steps=0))
     p99 = tiny_bundle.manifest.reconstruction_error["p99"]
     assert (result.ood_score[2:] > p99).all() and result.ood_flag[2:].all()
@@ -94,7 +96,8 @@ def test_explain_flags_out_of_distribution(tiny_bundle: Bundle, images: torch.Te
 
 def test_gvr_explainer_has_the_common_call_shape(tiny_bundle: Bundle, images: torch.Tensor) -> None:
     """images N x 1 x R x R -> maps N x R x R; a wrong shape is a ValueError that names it."""
+    r = tiny_bundle.manifest.resolution
     maps = GVRExplainer(tiny_bundle, RationaleConfig(max_steps=5))(images[:3])
-    assert maps.shape == (3, 32, 32)
-    with pytest.raises(ValueError, match="N x 1 x 32 x 32"):
+    assert maps.shape == (3, r, r)
+    with pytest.raises(ValueError, match=f"N x 1 x {r} x {r}"):
         GVRExplainer(tiny_bundle)(images[:3, 0])

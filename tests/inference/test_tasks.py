@@ -76,14 +76,17 @@ def test_run_analysis_writes_artefacts_and_marks_inferred(settings: Settings, co
     with context.audit.session() as session:
         job = session.get(Job, job_id)
         assert job is not None and job.state is JobState.INFERRED and job.attempts == 1
-        assert job.started_at and job.finished_at and job.device == "cpu" and job.model_version == "tiny-0.0.1"
+        manifest = context.bundle.manifest
+        assert job.started_at and job.finished_at and job.device == "cpu"
+        assert job.model_version == f"{manifest.name}-{manifest.version}"
         assert job.result is not None and len(job.result["images"]) == 2
     result = read_job_result(context.spool.results, job_id)
-    assert len(result.images) == 2 and result.model.version == "0.0.1"
+    assert len(result.images) == 2 and result.model.version == context.bundle.manifest.version
     for image in result.images:
         for name in ("rationale", "healthy", "reconstruction"):
             assert load_array(context.spool.results, job_id, image.key, name).shape == (96, 96)
-        assert load_array(context.spool.results, job_id, image.key, "cine").shape[1:] == (32, 32)
+        r = context.bundle.manifest.resolution
+        assert load_array(context.spool.results, job_id, image.key, "cine").shape[1:] == (r, r)
     assert _events(context.audit, job_id) == ["job.running", "job.inferred"]
 
 
@@ -198,6 +201,14 @@ def _dicom_queue_length(broker_url: str) -> int:
     return int(row[0])
 
 
+def _wait_for_deliveries(broker_url: str, expected: int, timeout: float = 20.0) -> int:
+    """The dicom queue's length once it reaches ``expected`` (delivery is sent just after INFERRED commits)."""
+    deadline = time.monotonic() + timeout
+    while (length := _dicom_queue_length(broker_url)) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return length
+
+
 def _broker(request: pytest.FixtureRequest) -> str | None:
     return None if request.param == "sqla" else str(request.getfixturevalue("redis_url"))
 
@@ -222,7 +233,7 @@ def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | N
     assert job.worker is not None and job.worker.endswith(":worker")
     assert read_job_result(settings.spool_dir / "results", job_id).images[0].steps >= 0
     assert _events(audit, job_id) == ["job.running", "job.inferred"]
-    assert _dicom_queue_length(worker_settings.celery_broker_url) == 1
+    assert _wait_for_deliveries(worker_settings.celery_broker_url, 1) == 1
     audit.dispose()
 
 
@@ -247,7 +258,7 @@ def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings,
     assert kinds.count("job.running") == 2 and kinds.count("job.inferred") == 1
     result_dir = settings.spool_dir / "results" / job_id
     assert json.loads((result_dir / "result.json").read_text())["job_id"] == job_id
-    assert _dicom_queue_length(worker_settings.celery_broker_url) == 1
+    assert _wait_for_deliveries(worker_settings.celery_broker_url, 1) == 1
     audit.dispose()
 
 
