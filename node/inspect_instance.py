@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataelem import RawDataElement
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from node.errors import InstanceRejectedError, StoreStatus
@@ -50,20 +49,15 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-    except (InvalidDicomError, AttributeError, KeyError, ValueError, EOFError, OverflowError) as error:
-        raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {error}") from error
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        value = str(ds.get(keyword, "") or "")
-        if not value or not UID(value).is_valid:
-            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword} {value!r}")
-    header = InstanceHeader(
-        sop_class_uid=str(ds.SOPClassUID),
-        sop_instance_uid=str(ds.SOPInstanceUID),
-        study_uid=str(ds.StudyInstanceUID),
-        series_uid=str(ds.SeriesInstanceUID),
-        transfer_syntax=transfer_syntax,
-        modality=str(ds.get("Modality", "") or "") or None,
-    )
+        for _element in ds:  # decode every value once: a wrong VR or length fails here, not later
+            pass
+        header = _identifiers(ds, transfer_syntax)
+    except InstanceRejectedError:
+        raise
+    except Exception as error:  # noqa: BLE001 - untrusted bytes: pydicom, zlib and struct raise many types
+        raise InstanceRejectedError(
+            StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {type(error).__name__}: {error}"
+        ) from error
     if header.sop_instance_uid != expected_sop_instance:
         raise InstanceRejectedError(
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
@@ -77,6 +71,21 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
     _check_lengths(ds, len(data))
     _check_pixel_data_complete(ds)
     return header
+
+
+def _identifiers(ds: pydicom.Dataset, transfer_syntax: str) -> InstanceHeader:
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        value = str(ds.get(keyword, "") or "")
+        if not value or not UID(value).is_valid:
+            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"missing or invalid {keyword} {value!r}")
+    return InstanceHeader(
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.StudyInstanceUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax=transfer_syntax,
+        modality=str(ds.get("Modality", "") or "") or None,
+    )
 
 
 def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
@@ -125,6 +134,10 @@ def _check_pixel_data_complete(ds: pydicom.Dataset) -> None:
         raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"unreadable pixel data: {error}") from error
     if value is None:
         return
+    if "Rows" in ds and (not ds.Rows or not ds.get("Columns")):
+        raise InstanceRejectedError(
+            StoreStatus.CANNOT_UNDERSTAND, f"image declares {ds.Rows} x {ds.get('Columns')} pixels"
+        )
     if ds.file_meta.TransferSyntaxUID.is_encapsulated:
         if element.is_undefined_length and not _encapsulated_is_whole(value):
             raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")

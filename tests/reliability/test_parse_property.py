@@ -34,8 +34,6 @@ _buffer = io.BytesIO()
 SEED.save_as(_buffer, enforce_file_format=True)
 SEED_BYTES = _buffer.getvalue()
 HEADER_END = SEED_BYTES.index(b"\xe0\x7f\x10\x00")  # mutations mostly land before the pixel data
-KNOWN_GAP = ("read_header lets pydicom errors other than its own escape (NotImplementedError for an unknown VR, "
-             "BytesLengthException, zlib.error) and accepts values pydicom cannot decode")  # fmt: skip
 
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, derandomize=True, database=None,
@@ -82,7 +80,6 @@ def test_property_seed_is_accepted() -> None:
     assert fully_decodes(SEED_BYTES)
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_GAP)
 @PROPERTY_SETTINGS
 @given(data=mutated())
 def test_property_read_header_accepts_or_rejects_only(data: bytes) -> None:
