@@ -38,7 +38,7 @@ from inference.worker_app import RATIONALE_CONF_KEY
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
 from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Job, JobState, utcnow
-from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER
+from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, attempts_exhausted
 from node.config import Settings, load_settings
 from node.spool import Spool, uid_to_filename
 
@@ -114,6 +114,12 @@ def _start(ctx: WorkerContext, job_id: str) -> tuple[str, list[_Source]]:
         before = job.state.value
         if job.state in (JobState.INFERRED, JobState.SENT):
             return before, []
+        if attempts_exhausted(job.attempts):  # each earlier start ended with its worker dead
+            reason = (f"gave up after {job.attempts} attempts: each worker running this job died "
+                      "(out of memory, killed); gvr audit shows the attempts")
+            job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
+            add_event(session, "job.failed", ("job", job_id), ctx.actor, reason, {"previous_state": before})
+            return "exhausted", []
         job.state = JobState.RUNNING
         job.attempts += 1
         job.worker, job.device = ctx.actor, ctx.settings.device
@@ -207,6 +213,9 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     if before == "missing":
         logger.error("job %s is not in the audit DB; nothing to do", job_id)
         return "missing"
+    if before == "exhausted":
+        logger.error("job %s exceeded its attempts and is FAILED", job_id)
+        return "failed"
     if before == JobState.SENT.value:
         logger.info("job %s was already sent; not recomputed", job_id)
         return "already sent"

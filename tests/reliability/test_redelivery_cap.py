@@ -31,7 +31,6 @@ def test_attempts_exhausted_at_the_cap() -> None:
     assert attempts_exhausted(MAX_JOB_ATTEMPTS)
 
 
-@pytest.mark.xfail(strict=True, reason="inference.tasks._start does not check attempts_exhausted(job.attempts) yet")
 def test_job_redelivered_after_cap_ends_failed(tmp_path: Path, bundle_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """A job RUNNING with MAX_JOB_ATTEMPTS starts behind it is marked FAILED on its next delivery."""
