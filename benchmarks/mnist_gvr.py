@@ -137,7 +137,7 @@ def mnist_experiment(out: Path, quick: bool = False) -> dict[str, Any]:
     result = explain(bundle, x, config)
     validity = float((result.p_star < 0.5).mean())
     out.mkdir(parents=True, exist_ok=True)
-    _figure(x[:6, 0].numpy(), result, examples, out / "mnist_gvr.png")
+    _figure(x[:6, 0].numpy(), result, {k: v for k, v in examples.items() if k != "Random"}, out / "mnist_gvr.png")
     report = {"held_out_nines_positive": len(x), "training_seconds": training_s, "validity_9_to_4": validity,
               "mean_steps": float(result.steps.mean()), "rows": rows}
     (out / "mnist_gvr.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -122,9 +122,10 @@ def quality(bundle: Bundle, n: int, out: Path, config: RationaleConfig) -> dict[
             row["mean_steps"] = float(np.concatenate(explainer.steps).mean())  # type: ignore[attr-defined]
         rows.append(row)
         logger.info("%s: %s", name, row)
-    rows.extend(_overfit_control(bundle, images, masks, config))
+    rows.extend(_overfit_control(bundle, images, masks, chosen, config))
     out.mkdir(parents=True, exist_ok=True)
-    _figure(positives[:6, 0].numpy(), examples, pos_masks[:6], out / "rationale_quality.png")
+    shown = {name: maps for name, maps in examples.items() if name != "Random"}  # noise says nothing, weighs much
+    _figure(positives[:6, 0].numpy(), shown, pos_masks[:6], out / "rationale_quality.png")
     report = {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "resolution": bundle.manifest.resolution,
               "held_out": n, "positives_with_sign": int(chosen.sum()), "config": repr(config), "rows": rows}
     (out / "rationale_quality.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -132,21 +133,26 @@ def quality(bundle: Bundle, n: int, out: Path, config: RationaleConfig) -> dict[
     return report
 
 
-def _overfit_control(bundle: Bundle, images: torch.Tensor, masks: np.ndarray,
+def _overfit_control(bundle: Bundle, images: torch.Tensor, masks: np.ndarray, main_positives: np.ndarray,
                      config: RationaleConfig) -> list[dict[str, Any]]:
-    """GVR through the overfitted classifier, on the held-out images *it* calls positive (p >= 0.5)."""
+    """GVR through the overfitted classifier: on the images *it* calls positive (p >= 0.5), and on the
+    main classifier's positives (the same images as the other rows)."""
     if bundle.overfit_classifier is None:
-        logger.warning("bundle has no overfit_classifier: the control row is skipped")
+        logger.warning("bundle has no overfit_classifier: the control rows are skipped")
         return []
+    target = config.target if config.target is not None else bundle.manifest.decision_threshold / 2
     control = replace(bundle, classifier=bundle.overfit_classifier)
+    explainer = GVRExplainer(control, replace(config, target=target))
     with torch.no_grad():
         p0 = control.classifier.predict_proba(control.encoder.encode(images)).numpy()
-    chosen = (p0 >= 0.5) & masks.reshape(len(masks), -1).any(1)
-    target = config.target if config.target is not None else bundle.manifest.decision_threshold / 2
-    maps, seconds = run_batched(GVRExplainer(control, replace(config, target=target)), images[chosen])
-    row = {"method": "GVR (overfitted classifier)", "n": int(chosen.sum()), "seconds_per_image": seconds,
-           **{k: float(v.mean()) for k, v in localisation(maps, masks[chosen]).items()}}
-    return [row]
+    rows = []
+    for label, chosen in (("its own positives", (p0 >= 0.5) & masks.reshape(len(masks), -1).any(1)),
+                          ("same images", main_positives)):
+        maps, seconds = run_batched(explainer, images[chosen])
+        rows.append({"method": f"GVR, overfitted classifier ({label})", "n": int(chosen.sum()),
+                     "seconds_per_image": seconds, "proximity": float(np.abs(maps).mean() / 2),
+                     **{k: float(v.mean()) for k, v in localisation(maps, masks[chosen]).items()}})
+    return rows
 
 
 def quality_table(rows: list[dict[str, Any]]) -> str:
