@@ -1,6 +1,6 @@
 """inference.analyze_study: in-process idempotence and failures, then in a real worker process.
 
-The worker tests start ``gvr worker --pool solo`` as a subprocess against the
+The worker tests start ``gvr worker`` (solo pool; prefork on SQLite) as a subprocess against the
 server-less broker (kombu's SQLAlchemy transport on SQLite) and against Redis,
 and wait for the audit DB to say the job is done. The kill tests SIGKILL the
 worker while the job is RUNNING (a slow rationale config makes sure it is) and
@@ -157,12 +157,12 @@ def _worker_env(settings: Settings, broker_url: str | None) -> dict[str, str]:
 
 @pytest.fixture
 def worker(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Factory: start ``gvr worker --queues gpu --pool solo`` and wait for Celery's "ready." line."""
+    """Factory: start ``gvr worker --queues gpu --pool solo`` (or ``pool=``) and wait for Celery's "ready." line."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(env: dict[str, str], *extra: str, timeout: float = 40.0) -> subprocess.Popen[bytes]:
+    def start(env: dict[str, str], *extra: str, pool: str = "solo", timeout: float = 40.0) -> subprocess.Popen[bytes]:
         log = tmp_path / f"worker-{len(started) + 1}.log"
-        command = [sys.executable, "-m", "node.cli.main", "worker", "--queues", "gpu", "--pool", "solo", *extra]
+        command = [sys.executable, "-m", "node.cli.main", "worker", "--queues", "gpu", "--pool", pool, *extra]
         process = start_process(command, log, env, cwd=REPO_ROOT)
         started.append(process)
         deadline = time.monotonic() + timeout
@@ -221,16 +221,21 @@ def broker_url(request: pytest.FixtureRequest) -> str | None:
 
 def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | None,
                                          worker: Callable[..., Any]) -> None:
-    """A real worker takes the job from the broker, writes audit rows and artefacts, queues delivery."""
+    """A real worker takes the job from the broker, writes audit rows and artefacts, queues delivery.
+
+    On SQLite the worker forks (prefork): the job runs in the pool process, which loaded the bundle itself.
+    """
     job_id = _job(settings, [6])
     env = _worker_env(settings, broker_url)
     worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url)
-    worker(env)
+    pool = "solo" if broker_url else "prefork"
+    process = worker(env, pool=pool)
     enqueue_analysis(make_celery(worker_settings), job_id)
     audit = AuditDB(settings.audit_url)
     job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
     assert job.state is JobState.INFERRED, job.error
     assert job.worker is not None and job.worker.endswith(":worker")
+    assert (int(job.worker.split(":")[1]) == process.pid) == (pool == "solo")
     assert read_job_result(settings.spool_dir / "results", job_id).images[0].steps >= 0
     assert _events(audit, job_id) == ["job.running", "job.inferred"]
     assert _wait_for_deliveries(worker_settings.celery_broker_url, 1) == 1
