@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test install system-deps bench-ingest bench-e2e clean
+.PHONY: demo test lint install system-deps bench-ingest bench-e2e clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## Style and types: ruff and strict mypy on every package.
+lint: $(STAMP)
+	$(BIN)/python -m pip install -q 'ruff>=0.6' 'mypy>=1.10'
+	$(BIN)/ruff check .
+	$(BIN)/mypy --strict node inference training
 
 bench-ingest: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.ingest

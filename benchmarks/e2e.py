@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     if not turnarounds:
         print("no Structured Report arrived")
         return 1
-    print(f"| studies | completed | p50 turnaround | p95 turnaround | mean | wall | studies/min |")
-    print(f"| --- | --- | --- | --- | --- | --- | --- |")
+    print("| studies | completed | p50 turnaround | p95 turnaround | mean | wall | studies/min |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| {len(studies)} | {len(turnarounds)} | {percentile(turnarounds, 50):.1f} s | "
         f"{percentile(turnarounds, 95):.1f} s | {statistics.mean(turnarounds):.1f} s | {elapsed:.0f} s | "

@@ -125,7 +125,7 @@ class Assembler:
         for job_id in job_ids:
             try:
                 self.enqueue(job_id)
-            except Exception as error:  # broker errors come in many types; retried next pass
+            except Exception as error:  # noqa: BLE001 - kombu, redis, sqlalchemy: broker errors come in many types; retried next pass
                 log.warning("job %s not yet on the broker: %s", job_id, error)
                 return sent
             with self.audit.session() as session:

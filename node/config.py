@@ -56,7 +56,7 @@ class Peer(BaseModel):
     _check_ae = field_validator("ae_title")(lambda cls, v: check_ae_title(v))
 
     @classmethod
-    def parse(cls, text: str) -> "Peer":
+    def parse(cls, text: str) -> Peer:
         """Parse ``AE@host:port`` (the form the CLI and env vars use)."""
         match = _PEER.match(text.strip())
         if not match:
@@ -144,7 +144,7 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> "Settings":
+    def _tls_pair(self) -> Settings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be set together")
         if self.tls_ca is not None and self.tls_cert is None:

@@ -307,7 +307,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
             log.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, exc, error)
 
 
-@shared_task(  # type: ignore[misc]
+@shared_task(  # type: ignore[untyped-decorator]
     name=TASK_DELIVER, bind=True, base=DeliveryTask, acks_late=True, reject_on_worker_lost=True,
     autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=10,
     soft_time_limit=600, time_limit=900,

@@ -54,7 +54,7 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
         header = _identifiers(ds, transfer_syntax)
     except InstanceRejectedError:
         raise
-    except Exception as error:  # noqa: BLE001 - untrusted bytes: pydicom, zlib and struct raise many types
+    except Exception as error:
         raise InstanceRejectedError(
             StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {type(error).__name__}: {error}"
         ) from error

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -187,7 +187,8 @@ def encoded_instance(event: Any) -> bytes:
         meta = file_meta_group(sop_class, sop_instance, str(event.context.transfer_syntax))
         body = request.DataSet.getvalue()
     except (AttributeError, UnicodeEncodeError, struct.error):
-        return event.encoded_dataset()
+        fallback: bytes = event.encoded_dataset()
+        return fallback
     return b"".join((_PREAMBLE, meta, body))
 
 
@@ -288,9 +289,12 @@ class StorageSCP:
             evt_handlers=self.handlers(),
             ssl_context=make_ssl_context(self.settings),
         )
+        if server is None:  # start_server(block=False) always returns its server
+            raise RuntimeError("pynetdicom did not return the storage server")
         if self.settings.allowed_peer_ips:
             allowed = set(self.settings.allowed_peer_ips)
-            server.verify_request = lambda request, address: self._verify_peer(address, allowed)
+            # socketserver asks verify_request before serving a connection: refuse unknown IPs there
+            server.verify_request = lambda request, client_address: self._verify_peer(client_address, allowed)  # type: ignore[method-assign]
         self._server = server
         port = int(server.server_address[1])
         log.info("storage SCP %s listening on %s:%d", self.settings.ae_title, self.settings.bind_address, port)

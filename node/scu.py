@@ -38,7 +38,7 @@ class FileToSend:
     transfer_syntax: str
 
     @classmethod
-    def read(cls, path: Path) -> "FileToSend":
+    def read(cls, path: Path) -> FileToSend:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             return cls(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.file_meta.TransferSyntaxUID))

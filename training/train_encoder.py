@@ -134,7 +134,7 @@ def train_encoder(images: np.ndarray, generator: Generator, cfg: EncoderTraining
         e.train()
         loss, parts = _losses(e, generator, real, z, cfg)
         opts["encoder"].zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         opts["encoder"].step()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from node.artefacts import ImageResult, ModelInfo
 
@@ -130,7 +130,8 @@ def _font_size(width: int) -> int:
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    scaled: np.ndarray = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    return scaled
 
 
 def _check_grid(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -158,7 +159,8 @@ def _blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
     strength = np.clip((np.abs(t) - OVERLAY_FLOOR) / (1.0 - OVERLAY_FLOOR), 0.0, 1.0)
     alpha = (OVERLAY_OPACITY * strength)[..., None]
     grey = np.repeat(base[..., None], 3, axis=-1)
-    return (1.0 - alpha) * grey + alpha * diverging_colours(t)
+    blended: np.ndarray = (1.0 - alpha) * grey + alpha * diverging_colours(t)
+    return blended
 
 
 def _draw_lines(draw: ImageDraw.ImageDraw, origin: tuple[int, int], lines: list[str], size: int) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from sqlalchemy import select
 
 from node.audit.db import AuditDB
@@ -47,7 +47,7 @@ class NodeProcess:
     def peer(self) -> Peer:
         return Peer(ae_title="GVRNODE", host="127.0.0.1", port=self.port)
 
-    def start(self) -> "NodeProcess":
+    def start(self) -> NodeProcess:
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "node.cli.main", "node"], env=self.env, stdout=log, stderr=log

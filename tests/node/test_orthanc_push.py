@@ -8,7 +8,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from node.audit.models import Association, AssociationOutcome, Instance, InstanceStatus, Job, Study, StudyState
+from node.audit.models import (
+    Association,
+    AssociationOutcome,
+    Instance,
+    InstanceStatus,
+    Job,
+    Study,
+    StudyState,
+)
 from tests.factories import dataset_body, write_study
 
 

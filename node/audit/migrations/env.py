@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy import Connection
+
 from node.audit.db import make_engine
 from node.audit.models import Base
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url")
+url = config.get_main_option("sqlalchemy.url") or ""
 
 
 def run_offline() -> None:
@@ -29,7 +31,7 @@ def run_online() -> None:
         _run(connectable)
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
     with context.begin_transaction():
         context.run_migrations()
