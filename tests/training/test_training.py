@@ -290,3 +290,14 @@ def test_cli_export_and_evaluate(tmp_path: Path, trained: dict[str, Path]) -> No
     assert load_bundle(tmp_path / "b").manifest.metrics["auc"] == report["auc"]
     assert evaluate_cli.main(["--bundle", str(tmp_path / "missing"), "--labels", str(trained["labels"]),
                               "--out", str(tmp_path / "e2")]) == 2
+
+
+def test_train_generator_and_encoder_at_128(tmp_path: Path) -> None:
+    """The paper's 128 x 128 trains end to end (two steps each, tiny widths)."""
+    arch = ArchitectureConfig(resolution=128, latent_dim=100, generator_channels=4, critic_channels=4)
+    images = np.random.default_rng(3).integers(0, 255, (8, 128, 128), dtype=np.uint8)
+    train_generator(images, GeneratorTraining(architecture=arch, steps=2, batch=2), tmp_path / "g")
+    generator = load_generator(tmp_path / "g")
+    assert generator.decode(torch.zeros(1, 100)).shape == (1, 1, 128, 128)
+    train_encoder(images, generator, EncoderTraining(steps=2, batch=2, channels=4), tmp_path / "e")
+    assert read_state(tmp_path / "e")["architecture"]["resolution"] == 128
