@@ -114,7 +114,8 @@ def _start(ctx: WorkerContext, job_id: str) -> tuple[str, list[_Source]]:
         before = job.state.value
         if job.state in (JobState.INFERRED, JobState.SENT):
             return before, []
-        if attempts_exhausted(job.attempts):  # each earlier start ended with its worker dead
+        # RUNNING at a start means the previous start's worker died (a transient error sets QUEUED first)
+        if job.state is JobState.RUNNING and attempts_exhausted(job.attempts):
             reason = (f"gave up after {job.attempts} attempts: each worker running this job died "
                       "(out of memory, killed); gvr audit shows the attempts")
             job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
@@ -244,8 +245,25 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     return "inferred"
 
 
+def _requeue(ctx: WorkerContext, job_id: str, reason: str) -> None:
+    with ctx.audit.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state is not JobState.RUNNING:
+            return
+        job.state = JobState.QUEUED
+        add_event(session, "job.retry", ("job", job_id), ctx.actor, f"transient error, retried: {reason}")
+
+
 class AnalysisTask(Task):  # type: ignore[misc]
-    """Only a failure hook: the final failure (not a retry) marks the job FAILED."""
+    """Two hooks: a retry puts the job back to QUEUED (so the redelivery cap counts only dead
+    workers), the final failure (not a retry) marks it FAILED."""
+
+    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        job_id = str(args[0]) if args else str(kwargs.get("job_id"))
+        try:
+            _requeue(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
+        except TRANSIENT_ERRORS as error:
+            logger.warning("job %s will be retried (%s); its state stays RUNNING: %s", job_id, exc, error)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = str(args[0]) if args else str(kwargs.get("job_id"))

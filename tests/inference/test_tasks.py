@@ -143,6 +143,25 @@ def test_run_analysis_without_usable_image_fails(settings: Settings, context: Wo
     assert not (context.spool.results / job_id).exists()
 
 
+def test_retry_hook_requeues_so_the_cap_counts_dead_workers_only(settings: Settings, context: WorkerContext,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient error's retry sets QUEUED (event job.retry): three retries later the job still runs."""
+    from inference import tasks
+
+    monkeypatch.setattr(tasks.PROCESS, "_context", context)
+    job_id = _job(settings, [8])
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.state, job.attempts = JobState.RUNNING, 3  # three starts, each ended by a transient error
+    tasks.analyze_study.on_retry(OSError("spool: No space left on device"), "task-1", [job_id], {}, None)
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.QUEUED
+    assert run_analysis(context, job_id, lambda _: None) == "inferred"
+    assert _events(context.audit, job_id) == ["job.retry", "job.running", "job.inferred"]
+
+
 # -- a real worker process -----------------------------------------------------------------------
 
 
