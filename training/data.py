@@ -147,6 +147,16 @@ def _load_files(paths: Sequence[Path], resolution: int, skip_unusable: bool) -> 
     return np.stack(images), kept
 
 
+def _phantom_fingerprint() -> str:
+    """Digest of the phantom sources: a cache made by another phantom version is never reused."""
+    import training.phantoms as module
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(module.__file__).parent.glob("phantom*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _cached(cache_dir: Path | None, key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
     if cache_dir is None:
         return build()
@@ -176,7 +186,10 @@ def load_unlabelled(
         logger.info("found %d image files under %s", len(files), source)
         return _load_files(files, resolution, skip_unusable=True)[0]
 
-    key = f"{spec}|{resolution}" if isinstance(source, PhantomRange) else f"{Path(spec).resolve()}|{resolution}"
+    if isinstance(source, PhantomRange):
+        key = f"{spec}|{resolution}|{_phantom_fingerprint()}"
+    else:
+        key = f"{Path(spec).resolve()}|{resolution}"
     return _cached(cache_dir, key, build)
 
 
