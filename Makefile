@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install system-deps bench-ingest bench-e2e clean
+.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 bench-ingest: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.ingest
+
+## Rationale quality vs captum and Latent Shift, the digits experiment, speed (~9 min).
+bench-rationale: $(STAMP)
+	$(BIN)/python -m benchmarks.rationale all --threads 1
 
 ## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
 bench-e2e: $(STAMP) system-deps
