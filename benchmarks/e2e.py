@@ -27,12 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument(
+        "--dicom-threads", type=int, default=1, help="delivery worker threads (the inference worker stays one)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="gvr-bench-e2e-") as tmp:
         folder = Path(tmp)
         studies = make_studies(folder / "studies", args.studies, first_seed=9_500_000)
-        with demo_environment(folder, ["gpu", "dicom"]) as demo:
+        dicom = "dicom" if args.dicom_threads == 1 else f"dicom --pool threads --concurrency {args.dicom_threads}"
+        with demo_environment(folder, ["gpu", dicom]) as demo:
             if not demo.workers:
                 print("inference is not installed: nothing to measure")
                 return 1

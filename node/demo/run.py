@@ -93,7 +93,11 @@ def _node_env(folder: Path, node_port: int, pacs: DemoPacs) -> dict[str, str]:
 
 @contextmanager
 def demo_environment(folder: Path, worker_queues: list[str]) -> Iterator[DemoEnvironment]:
-    """A PACS, a node (in this process) and one worker process per entry of ``worker_queues``."""
+    """A PACS, a node (in this process) and one worker process per entry of ``worker_queues``.
+
+    An entry is ``gvr worker`` arguments after ``--queues``: "gpu,dicom", or
+    "dicom --pool threads --concurrency 2"; the pool defaults to solo (no fork, quick start).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     node_port = free_port()
     node_peer = Peer(ae_title="GVRNODE", host="127.0.0.1", port=node_port)
@@ -105,9 +109,11 @@ def demo_environment(folder: Path, worker_queues: list[str]) -> Iterator[DemoEnv
     try:
         service.start()
         if inference_available():
-            for index, queues in enumerate(worker_queues):
+            for index, spec in enumerate(worker_queues):
                 log_file = (folder / f"worker-{index}.log").open("wb")
-                command = [sys.executable, "-m", "node.cli.main", "worker", "--queues", queues, "--pool", "solo"]
+                arguments = spec.split()
+                pool = [] if "--pool" in arguments else ["--pool", "solo"]
+                command = [sys.executable, "-m", "node.cli.main", "worker", "--queues", *arguments, *pool]
                 demo.workers.append(subprocess.Popen(command, env=env, stdout=log_file, stderr=log_file))
         yield demo
     finally:
