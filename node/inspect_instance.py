@@ -54,9 +54,10 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
         header = _identifiers(ds, transfer_syntax)
     except InstanceRejectedError:
         raise
-    except Exception as error:
+    except Exception as error:  # untrusted bytes: pydicom, zlib and struct raise many types
+        # Only the error's type: pydicom's messages can quote element values (patient names).
         raise InstanceRejectedError(
-            StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set: {type(error).__name__}: {error}"
+            StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set ({type(error).__name__})"
         ) from error
     if header.sop_instance_uid != expected_sop_instance:
         raise InstanceRejectedError(
@@ -131,7 +132,9 @@ def _check_pixel_data_complete(ds: pydicom.Dataset) -> None:
     try:
         value = element.value
     except (ValueError, EOFError, OSError) as error:
-        raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"unreadable pixel data: {error}") from error
+        raise InstanceRejectedError(
+            StoreStatus.CANNOT_UNDERSTAND, f"unreadable pixel data ({type(error).__name__})"
+        ) from error
     if value is None:
         return
     if "Rows" in ds and (not ds.Rows or not ds.get("Columns")):
