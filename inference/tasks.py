@@ -38,7 +38,7 @@ from inference.worker_app import RATIONALE_CONF_KEY
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
 from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Job, JobState, utcnow
-from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, attempts_exhausted
+from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, attempts_exhausted, job_id_argument
 from node.config import Settings, load_settings
 from node.spool import Spool, uid_to_filename
 
@@ -259,14 +259,14 @@ class AnalysisTask(Task):  # type: ignore[misc]
     workers), the final failure (not a retry) marks it FAILED."""
 
     def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        job_id = str(args[0]) if args else str(kwargs.get("job_id"))
+        job_id = job_id_argument(args, kwargs)
         try:
             _requeue(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
         except TRANSIENT_ERRORS as error:
             logger.warning("job %s will be retried (%s); its state stays RUNNING: %s", job_id, exc, error)
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        job_id = str(args[0]) if args else str(kwargs.get("job_id"))
+        job_id = job_id_argument(args, kwargs)
         try:
             _fail(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
         except TRANSIENT_ERRORS as error:

@@ -35,6 +35,11 @@ def attempts_exhausted(attempts: int) -> bool:
     return attempts >= MAX_JOB_ATTEMPTS
 
 
+def job_id_argument(args: Any, kwargs: Any) -> str:
+    """The job id a task hook was called with (tasks take ``job_id`` first, by position or name)."""
+    return str(args[0]) if args else str((kwargs or {}).get("job_id"))
+
+
 def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
     """Build the app for these settings (no global app: tests run several side by side)."""
     broker = settings.celery_broker_url

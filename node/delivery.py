@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 
 from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Delivery, DeliveryStatus, Job, JobState
-from node.celery_app import TASK_DELIVER
+from node.celery_app import TASK_DELIVER, job_id_argument
 from node.config import Peer, Settings, load_settings
 from node.results.build import OutboxEntry, ResultBuildError, outbox_path, prepare_outbox
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
@@ -300,7 +300,7 @@ class DeliveryTask(Task):  # type: ignore[misc]
     """Only a failure hook: an unexpected error (not a scheduled retry) marks the job FAILED."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        job_id = str(args[0]) if args else str(kwargs.get("job_id"))
+        job_id = job_id_argument(args, kwargs)
         try:
             fail_job(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
         except OperationalError as error:
