@@ -33,7 +33,7 @@ stage() {  # stage NAME COMMAND...: run, and append its wall time to $TIMINGS
 }
 
 stage generator $GVR train generator --data "$UNLABELLED" --out "$WORK/generator" --cache "$WORK/cache" \
-  --workers 2 --resolution 64 --latent 100 --channels 16 --steps 4000 --batch 32 --lr 1e-4 \
+  --workers 2 --resolution 64 --latent 100 --channels 16 --steps 3000 --batch 32 --lr 1e-4 \
   --beta1 0.5 --beta2 0.9 --critic-steps 2 --gp 10 --seed 0 --threads 1 --resume
 stage encoder $GVR train encoder --generator "$WORK/generator" --data "$UNLABELLED" --out "$WORK/encoder" \
   --cache "$WORK/cache" --steps 2000 --batch 32 --lr 2e-4 --channels 32 --image-weight 5 --seed 0 --threads 1
