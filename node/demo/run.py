@@ -18,13 +18,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from sqlalchemy import select
 
-from node.audit.models import Job, Study
+from node.audit.models import Job, JobState, Study
 from node.config import Peer, load_settings
 from node.demo.pacs import DemoPacs, free_port, start_pacs
+from node.results.build import write_previews
 from node.scu import FileToSend, send_files
 from node.service import NodeService
 
@@ -154,23 +153,6 @@ def jobs_by_study(service: NodeService) -> dict[str, Job]:
     return {study_uid: job for study_uid, job in rows}
 
 
-def write_previews(outbox: Path, job_id: str, target: Path) -> list[Path]:
-    """PNG copies of the Secondary Captures sent for a job, for a quick look."""
-    import pydicom
-
-    written = []
-    for path in sorted((outbox / job_id).glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        if not str(ds.SOPClassUID).startswith("1.2.840.10008.5.1.4.1.1.7") or "PixelData" not in ds:
-            continue
-        pixels = ds.pixel_array
-        frame = pixels[len(pixels) // 2] if int(ds.get("NumberOfFrames", 1) or 1) > 1 else pixels
-        out = target / f"{job_id[:8]}-{path.stem[-12:]}.png"
-        Image.fromarray(np.asarray(frame, dtype=np.uint8)).save(out)
-        written.append(out)
-    return written
-
-
 def print_summary(studies: list[DemoStudy], jobs: dict[str, Job], pacs: DemoPacs) -> None:
     header = f"{'study':9} {'truth':8} {'BNP':>6} {'p(HF)':>6}  {'finding':23} {'steps':>5} {'turnaround':>10}  sent"
     print(header)
@@ -211,7 +193,8 @@ def run_demo(folder: Path, count: int, timeout: float) -> int:
         print_summary(studies, jobs, demo.pacs)
         previews = folder / "previews"
         previews.mkdir(exist_ok=True)
-        written = [p for job in jobs.values() for p in write_previews(demo.service.spool.outbox, job.id, previews)]
+        sent = [job for job in jobs.values() if job.state == JobState.SENT]
+        written = [p for job in sent for p in write_previews(demo.service.spool, job.id, previews)]
         print(f"\npreviews: {len(written)} PNG(s) in {previews}")
         print(f"audit trail: GVR_DATA_DIR={folder / 'node'} gvr audit")
         return 0 if all(study.reported_at for study in studies) else 1
