@@ -3,7 +3,8 @@
 The manifest says everything a worker needs to use the models without the
 training code: sizes, architecture, preprocessing, the decision threshold, the
 BNP threshold that defined the label, held-out metrics, reconstruction-error
-percentiles for the out-of-distribution flag, and the sha256 of every weights
+percentiles for the out-of-distribution flag, the fixed colour scale of the
+rationale overlay (``display.rationale_scale``), and the sha256 of every weights
 file. ``load_bundle`` checks every digest before it reads a tensor, and reads
 tensors only with safetensors: a bundle is never unpickled.
 """
@@ -85,6 +86,7 @@ class BundleManifest:
     metrics: dict[str, Any] = field(default_factory=dict)
     overfit_classifier: ClassifierConfig | None = None
     format_version: int = FORMAT_VERSION
+    display: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
@@ -115,6 +117,14 @@ class BundleManifest:
             raise BundleInvalidError(f"manifest lists unknown weights {sorted(unknown)}")
         if ("overfit_classifier" in self.weights) != (self.overfit_classifier is not None):
             raise BundleInvalidError("overfit_classifier weights and configuration must come together")
+        scale = self.display.get("rationale_scale")
+        if scale is not None and not (0 < scale <= 1):
+            raise BundleInvalidError(f"display.rationale_scale is an intensity difference in (0, 1], got {scale!r}")
+
+    @property
+    def rationale_scale(self) -> float | None:
+        """The |rationale| (display units, [0, 1] intensity) drawn at full colour for every patient, if fixed."""
+        return self.display.get("rationale_scale")
 
     @property
     def resolution(self) -> int:
@@ -132,7 +142,7 @@ class BundleManifest:
             "overfit_classifier": self.overfit_classifier.to_dict() if self.overfit_classifier else None,
             "preprocessing": self.preprocessing, "decision_threshold": self.decision_threshold,
             "bnp_threshold": self.bnp_threshold, "training_data": self.training_data, "metrics": self.metrics,
-            "reconstruction_error": self.reconstruction_error,
+            "reconstruction_error": self.reconstruction_error, "display": self.display,
             "weights": {name: asdict(w) for name, w in self.weights.items()},
         }
 
@@ -152,6 +162,7 @@ class BundleManifest:
                 training_data=dict(data.get("training_data", {})), metrics=dict(data.get("metrics", {})),
                 overfit_classifier=ClassifierConfig.from_dict(overfit) if overfit else None,
                 format_version=int(data.get("format_version", FORMAT_VERSION)),
+                display={k: float(v) for k, v in data.get("display", {}).items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, BundleInvalidError):

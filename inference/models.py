@@ -1,8 +1,10 @@
 """The four networks of the Generative Visual Rationale method.
 
-A WGAN-GP (``Generator`` + ``Critic``) learns what chest radiographs look like from
-unlabelled images; an ``Encoder`` maps an image back into the generator's latent
-space; a ``LatentClassifier`` predicts heart failure from that latent vector.
+A generator learns what chest radiographs look like from unlabelled images and an
+``Encoder`` maps an image back into the generator's latent space: either a WGAN-GP
+(``Generator`` + ``Critic``, then an encoder that inverts it) or, for the demo
+bundle, both trained together as an autoencoder. A ``LatentClassifier`` predicts
+heart failure from the latent vector.
 Rationales (a later stage) optimise the latent vector against the classifier
 while decoding it with the generator, so every model exposes an explicit verb
 (``decode``, ``encode``, ``predict_proba``) with a guard that names the shape it
@@ -12,6 +14,10 @@ not an error.
 Images in model space are float tensors ``N x 1 x R x R`` in ``[-1, 1]``.
 The generator uses no batch normalisation, so ``decode`` of one latent vector
 gives the same image in training and evaluation mode, whatever the batch.
+
+Two generator bodies: ``upsample`` (nearest-neighbour resize then a 3x3
+convolution per scale: no checkerboard, the default) and ``transposed`` (the
+DCGAN body of the authors' code, kept so older bundles still load).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 from torch import nn
 
 SUPPORTED_RESOLUTIONS = (32, 64, 128, 256)
+GENERATOR_BODIES = ("upsample", "transposed")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,11 @@ class ArchitectureConfig:
     critic_channels: int = 32
     encoder_channels: int = 32
     max_channels: int = 256
+    generator_body: str = "upsample"
 
     def __post_init__(self) -> None:
+        if self.generator_body not in GENERATOR_BODIES:
+            raise ValueError(f"generator_body must be one of {GENERATOR_BODIES}, got {self.generator_body!r}")
         if self.resolution not in SUPPORTED_RESOLUTIONS:
             raise ValueError(
                 f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {self.resolution!r}"
@@ -60,13 +70,15 @@ class ArchitectureConfig:
         """Number of factor-2 resolution changes between 4x4 and ``resolution``."""
         return int(math.log2(self.resolution)) - 2
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchitectureConfig:
-        known = {k: int(v) for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        known: dict[str, Any] = {k: int(v) for k, v in data.items()
+                                 if k in cls.__dataclass_fields__ and k != "generator_body"}
+        # a manifest written before the upsampling body existed describes the transposed one
+        return cls(**known, generator_body=str(data.get("generator_body", "transposed")))
 
 
 def _widths(base: int, n_scales: int, cap: int) -> list[int]:
@@ -94,19 +106,32 @@ def _check_latents(z: torch.Tensor, latent_dim: int, what: str) -> None:
         raise ValueError(f"{what} expects {expected}, got dtype {z.dtype}")
 
 
+def _transposed_body(widths: list[int]) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for c_in, c_out in pairwise(widths):
+        layers += [nn.ReLU(inplace=True), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
+    return [*layers, nn.ReLU(inplace=True), nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), nn.Tanh()]
+
+
+def _upsample_body(widths: list[int]) -> list[nn.Module]:
+    """Resize + 3x3 convolution per scale: every output pixel sees the same kernel, so no checkerboard."""
+    layers: list[nn.Module] = []
+    for c_in, c_out in zip([widths[0], *widths[:-1]], widths, strict=True):
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 3, 1, 1),
+                   nn.LeakyReLU(0.2, inplace=True)]
+    return [*layers, nn.Conv2d(widths[-1], 1, 3, 1, 1), nn.Tanh()]
+
+
 class Generator(nn.Module):
-    """DCGAN-style decoder: latent ``N x d`` -> image ``N x 1 x R x R`` in [-1, 1]."""
+    """Decoder: latent ``N x d`` -> image ``N x 1 x R x R`` in [-1, 1], from a 4 x 4 projection up."""
 
     def __init__(self, config: ArchitectureConfig) -> None:
         super().__init__()
         self.config = config
         widths = _widths(config.generator_channels, config.n_scales, config.max_channels)
         self.project = nn.Linear(config.latent_dim, widths[0] * 16)
-        layers: list[nn.Module] = []
-        for c_in, c_out in pairwise(widths):
-            layers += [nn.ReLU(inplace=True), nn.ConvTranspose2d(c_in, c_out, 4, 2, 1)]
-        layers += [nn.ReLU(inplace=True), nn.ConvTranspose2d(widths[-1], 1, 4, 2, 1), nn.Tanh()]
-        self.body = nn.Sequential(*layers)
+        body = _upsample_body(widths) if config.generator_body == "upsample" else _transposed_body(widths)
+        self.body = nn.Sequential(*body)
         self._first_width = widths[0]
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

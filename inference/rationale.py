@@ -4,18 +4,25 @@ The encoder puts an image ``x`` in the generator's latent space, ``z0 = E(x)``, 
 the latent classifier scores it, ``p0 = f(z0)``. We then look for the nearest
 "healthy" latent vector,
 
-    z* = argmin_z  logit f(z) + lambda * d(G(z), G(z0))  [+ prior * |z|^2 / dim],
+    z* = argmin_z  softplus(logit f(z) - logit(target))
+                   + lambda * d(G(z), G(z0))
+                   + prior * mean(((z - m) / s)^2),
 
-with Adam, stopping each image once its probability falls below a target. The
-rationale is ``G(z0) - G(z*)``: the same chest decoded twice, with and without
-what the classifier calls disease. The classifier term is the *logit*, not the
-probability: a confident positive has a vanishing probability gradient, the logit
-keeps pulling at the same rate.
+with Adam, run to convergence. The classifier term is bounded below: it pulls
+like the logit while the image is still called diseased and fades once the
+probability is under ``target``, so it cannot run away to -infinity; from there
+on the distance term (and the latent prior around the training latents' mean
+``m`` and scale ``s``) decide where ``z*`` settles. The rationale is
+``G(z0) - G(z*)``: the same chest decoded twice, with and without what the
+classifier calls disease; the healthy image a reader sees is the patient's own
+image minus it, ``x - (G(z0) - G(z*))``.
 
-One optimisation serves a whole batch. The loss is a *sum* over images and
-Adam's update is element-wise, so each image's path is the same whether it runs
-alone or in a batch; an image that reached the target is frozen (its latent
-restored after every step), so the others may go on without moving it.
+Convergence, per image: the objective improved by less than ``tolerance`` over
+the last ``patience`` steps (or ``max_steps`` was reached); ``converged`` says
+which. One optimisation serves a whole batch. The loss is a *sum* over images
+and Adam's update is element-wise, so each image's path is the same whether it
+runs alone or in a batch; a converged image is frozen (its latent restored after
+every step), so the others may go on without moving it.
 
 Every explainer, GVR and the baselines of the benchmarks alike, has one call
 shape: ``explainer(images N x 1 x R x R) -> maps N x R x R`` (see ``Explainer``).
@@ -24,12 +31,14 @@ shape: ``explainer(images N x 1 x R x R) -> maps N x R x R`` (see ``Explainer``)
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from inference.bundle import Bundle
 
@@ -56,19 +65,24 @@ class Explainer(Protocol):
 class RationaleConfig:
     """How the latent optimisation runs.
 
-    ``target`` is the probability an image must fall below to stop; ``None`` takes
-    half the bundle's decision threshold (a comfortably healthy counterfactual).
-    ``weight`` is the paper's lambda; ``prior_weight`` adds ``|z|^2 / dim`` (the
-    generator was trained on ``z ~ N(0, I)``), 0 turns it off. ``frames`` is the
-    number of cine frames from ``G(z0)`` to ``G(z*)``, both ends included.
+    ``target`` is the probability under which the classifier term lets go; ``None``
+    takes half the bundle's decision threshold (a comfortably healthy
+    counterfactual). ``weight`` is the paper's lambda (per mean-pixel distance in
+    model units); ``prior_weight`` weighs the latent prior, 0 turns it off.
+    ``tolerance`` and ``patience`` are the convergence criterion (objective
+    improvement over the last ``patience`` steps); ``max_steps`` caps the run.
+    ``frames`` is the number of cine frames from ``G(z0)`` to ``G(z*)``, both
+    ends included.
     """
 
     weight: float = 20.0
     distance: Distance = Distance.L1
-    prior_weight: float = 0.0
+    prior_weight: float = 0.01
     target: float | None = None
-    lr: float = 0.05
+    lr: float = 0.1
     max_steps: int = 200
+    tolerance: float = 1e-3
+    patience: int = 10
     frames: int = 8
     seed: int = 0
 
@@ -84,6 +98,10 @@ class RationaleConfig:
             raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
         if not isinstance(self.max_steps, int) or not 0 <= self.max_steps <= 100_000:
             raise ValueError(f"max_steps must be an int in [0, 100000], got {self.max_steps!r}")
+        if not (self.tolerance >= 0 and np.isfinite(self.tolerance)):
+            raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
+        if not isinstance(self.patience, int) or not 1 <= self.patience <= 10_000:
+            raise ValueError(f"patience must be an int in [1, 10000], got {self.patience!r}")
         if not isinstance(self.frames, int) or not 2 <= self.frames <= 256:
             raise ValueError(f"frames must be an int in [2, 256] (first and last included), got {self.frames!r}")
 
@@ -95,9 +113,13 @@ class RationaleConfig:
 class Rationale:
     """The result for a batch of ``N`` images; images are float32 in model space ([-1, 1]).
 
-    ``rationale = reconstruction - healthy`` (signed, in [-2, 2]); ``frames`` is
-    ``N x F x R x R`` from ``reconstruction`` to ``healthy``; ``ood_flag`` is
-    ``ood_score`` above the bundle's 99th training percentile.
+    ``rationale = reconstruction - healthy`` (signed, in [-2, 2]; positive speaks
+    for disease); ``counterfactual = clip(x - rationale)``, the patient's own image
+    with the disease removed; ``frames`` is ``N x F x R x R`` from
+    ``reconstruction`` to ``healthy``; ``ood_flag`` is ``ood_score`` above the
+    bundle's 99th training percentile. ``objective_start``/``objective_end`` are
+    the objective at ``z0`` and at ``z*``; ``converged`` is False for an image
+    stopped by ``max_steps``.
     """
 
     p0: np.ndarray
@@ -110,13 +132,17 @@ class Rationale:
     ood_score: np.ndarray
     ood_flag: np.ndarray
     target: float
+    counterfactual: np.ndarray
+    objective_start: np.ndarray
+    objective_end: np.ndarray
+    converged: np.ndarray
 
     def __post_init__(self) -> None:
         n = self.p0.shape[0]
-        for name in ("p_star", "steps", "ood_score", "ood_flag"):
+        for name in ("p_star", "steps", "ood_score", "ood_flag", "objective_start", "objective_end", "converged"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"Rationale.{name} must have shape ({n},), got {getattr(self, name).shape}")
-        for name in ("reconstruction", "healthy", "rationale"):
+        for name in ("reconstruction", "healthy", "rationale", "counterfactual"):
             array = getattr(self, name)
             if array.ndim != 3 or array.shape[0] != n:
                 raise ValueError(f"Rationale.{name} must be {n} x R x R, got {array.shape}")
@@ -154,38 +180,82 @@ def _pick_frames(history: list[torch.Tensor], steps: torch.Tensor, frames: int) 
     return torch.gather(stacked, 1, index[:, :, None].expand(-1, -1, stacked.shape[2]))
 
 
+@dataclass(frozen=True)
+class _Objective:
+    """The per-image objective of one bundle, config and batch of starting latents."""
+
+    bundle: Bundle
+    config: RationaleConfig
+    reference: torch.Tensor  # G(z0)
+    target_logit: float
+
+    def __call__(self, z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective per row, logit per row) for ``z`` (the rows' latents)."""
+        logits = self.bundle.classifier.logits(z)
+        loss = F.softplus(logits - self.target_logit)
+        if self.config.weight > 0:
+            decoded = self.bundle.generator.decode(z)
+            loss = loss + self.config.weight * _distance(decoded, self.reference[rows], self.config.distance)
+        if self.config.prior_weight > 0:
+            standard = (z - self.bundle.classifier.latent_mean) / self.bundle.classifier.latent_scale
+            loss = loss + self.config.prior_weight * standard.square().mean(dim=1)
+        return loss, logits
+
+
 def optimise_latents(bundle: Bundle, z0: torch.Tensor, config: RationaleConfig
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run the per-image-frozen Adam descent; returns (z*, steps N, cine latents N x F x d)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Adam to convergence per image; returns (z*, steps N, cine latents N x F x d, objective at z0 N,
+    objective at z* N, converged N)."""
     target = config.target_for(bundle.manifest.decision_threshold)
     with torch.no_grad():
         reference = bundle.generator.decode(z0)
+    objective = _Objective(bundle, config, reference, math.log(target / (1 - target)))
+    n = z0.shape[0]
+    everyone = torch.arange(n, device=z0.device)
+    with torch.no_grad():
+        start_loss = objective(z0, everyone)[0]
     z = z0.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=config.lr)
-    steps = torch.zeros(z0.shape[0], dtype=torch.long, device=z0.device)
-    active = torch.ones(z0.shape[0], dtype=torch.bool, device=z0.device)
+    steps = torch.zeros(n, dtype=torch.long, device=z0.device)
+    active = torch.ones(n, dtype=torch.bool, device=z0.device)
+    converged = torch.zeros(n, dtype=torch.bool, device=z0.device)
+    losses = [start_loss.clone()]  # objective per image before each step (frozen images repeat theirs)
     history = [z0.detach().clone()]
-    for step in range(config.max_steps + 1):
-        logits = bundle.classifier.logits(z)
-        active = active & (torch.sigmoid(logits.detach()) >= target)
-        if step == config.max_steps or not bool(active.any()):
-            break
+    best_z, best_loss = z0.detach().clone(), start_loss.clone()
+    for step in range(config.max_steps):
         rows = active.nonzero().squeeze(1)  # only images still moving cost a decode
-        z_rows = z[rows]
-        loss = logits[rows]
-        if config.weight > 0:
-            loss = loss + config.weight * _distance(bundle.generator.decode(z_rows), reference[rows], config.distance)
-        if config.prior_weight > 0:
-            loss = loss + config.prior_weight * z_rows.square().mean(dim=1)
+        loss, _ = objective(z[rows], rows)
         optimiser.zero_grad(set_to_none=True)
         loss.sum().backward()  # type: ignore[no-untyped-call]
         before = z.detach().clone()
         optimiser.step()
         with torch.no_grad():
             z[~active] = before[~active]
+            current = losses[-1].clone()
+            current[rows] = loss.detach()
+            losses[-1] = current
+            losses.append(current.clone())
+            # Adam's first steps have the size lr whatever the gradient: keep each image's best latent,
+            # so z* is never worse than z0 (an image with nothing to remove stays where it is)
+            better = current < best_loss
+            best_loss = torch.where(better, current, best_loss)
+            best_z[better] = before[better]
         steps += active.long()
         history.append(z.detach().clone())
-    return z.detach(), steps, _pick_frames(history, steps, config.frames)
+        if step + 1 >= config.patience:
+            done = (losses[-1 - config.patience] - current) < config.tolerance
+            converged |= active & done
+            active &= ~done
+        if not bool(active.any()):
+            break
+    with torch.no_grad():
+        last_loss = objective(z.detach(), everyone)[0]
+        better = last_loss < best_loss
+        best_loss = torch.where(better, last_loss, best_loss)
+        best_z[better] = z.detach()[better]
+    cine = _pick_frames(history, steps, config.frames)
+    cine[:, -1] = best_z  # the cine ends on the healthy image itself
+    return best_z, steps, cine, start_loss, best_loss, converged
 
 
 def explain(bundle: Bundle, images: torch.Tensor, config: RationaleConfig | None = None) -> Rationale:
@@ -206,7 +276,7 @@ def explain(bundle: Bundle, images: torch.Tensor, config: RationaleConfig | None
             p0 = bundle.classifier.predict_proba(z0)
             ood = (images - reconstruction).abs().flatten(1).mean(dim=1)
         with torch.enable_grad():
-            z_star, steps, cine_latents = optimise_latents(bundle, z0, config)
+            z_star, steps, cine_latents, start_loss, end_loss, converged = optimise_latents(bundle, z0, config)
         with torch.no_grad():
             healthy = bundle.generator.decode(z_star)
             p_star = bundle.classifier.predict_proba(z_star)
@@ -214,11 +284,15 @@ def explain(bundle: Bundle, images: torch.Tensor, config: RationaleConfig | None
             cine = bundle.generator.decode(cine_latents.reshape(n * f, d)).reshape(n, f, *healthy.shape[2:])
     p99 = bundle.manifest.reconstruction_error["p99"]
     recon_np, healthy_np = _numpy(reconstruction[:, 0]), _numpy(healthy[:, 0])
+    rationale = recon_np - healthy_np
     result = Rationale(
         p0=_numpy(p0), p_star=_numpy(p_star), reconstruction=recon_np, healthy=healthy_np,
-        rationale=recon_np - healthy_np, steps=steps.cpu().numpy().astype(np.int64), frames=_numpy(cine),
+        rationale=rationale, steps=steps.cpu().numpy().astype(np.int64), frames=_numpy(cine),
         ood_score=_numpy(ood), ood_flag=_numpy(ood) > p99, target=config.target_for(
             bundle.manifest.decision_threshold),
+        counterfactual=np.clip(_numpy(images[:, 0]) - rationale, -1.0, 1.0),
+        objective_start=_numpy(start_loss), objective_end=_numpy(end_loss),
+        converged=converged.cpu().numpy(),
     )
     logger.debug("rationale batch of %d: mean steps %.1f", len(result), float(result.steps.mean()))
     return result

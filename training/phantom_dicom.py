@@ -201,6 +201,19 @@ def save_dicom(phantom: Phantom, path: Path) -> None:
     write_atomic(path, lambda target: dataset.save_as(target, enforce_file_format=True))
 
 
+def save_twin_dicom(twin: Phantom, path: Path) -> None:
+    """Write a healthy twin as DICOM: same patient, but a study, series and instance of its own.
+
+    The twin must never pass for the phantom itself (same SOP Instance UID) in a PACS or a spool.
+    """
+    dataset = phantom_dataset(twin)
+    for attribute, role in (("StudyInstanceUID", "twin-study"), ("SeriesInstanceUID", "twin-series"),
+                            ("SOPInstanceUID", "twin-instance")):
+        setattr(dataset, attribute, phantom_uid(twin.seed, role))
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    write_atomic(path, lambda target: dataset.save_as(target, enforce_file_format=True))
+
+
 def save_png(array: np.ndarray, path: Path) -> None:
     """An 8-bit greyscale PNG of a [0, 1] image, or 0/255 for a boolean mask."""
     if array.dtype == np.bool_:

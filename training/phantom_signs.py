@@ -1,21 +1,24 @@
 """Heart-failure signs, their severities, the synthetic BNP, and the lung markings they change.
 
-Severities come from one latent "heart-failure burden" per patient, so the
-signs are correlated the way they are in real patients (a big heart often
-comes with effusions and congested vessels). BNP is then a noisy function of
-the severities, dominated by cardiomegaly and effusion because those are the
-signs still visible at the demo model's 64x64 pixels:
+Phantoms v2: each sign is present or absent on its own draw, nudged by one
+latent "heart-failure burden" per patient, so signs occur alone as well as
+together (a big heart often comes with effusions, but an effusion alone, edema
+without cardiomegaly, or cardiomegaly alone are all common). A present sign
+has a severity drawn uniformly in [0.2, 1]; an effusion is on the patient's
+right, left or both sides. BNP weighs every sign so that none decides the
+label on its own:
 
-    log10(BNP) = 1.52 + 1.05 c + 0.85 e + 0.25 v + 0.25 d + N(0, 0.27)
+    log10(BNP) = 1.48 + 0.80 c + 0.80 e + 0.75 d + 0.65 v + N(0, 0.15)
 
-(c, e, v, d = cardiomegaly, effusion, venous diversion, edema severities in
-[0, 1]). The label is BNP >= 100 ng/L, as in Seah et al. 2018.
+(c, e, d, v = cardiomegaly, effusion, edema, venous diversion severities in
+[0, 1]). The label is BNP >= 100 ng/L, as in Seah et al. 2018. Any one sign
+above about 0.7 is enough for a positive; two milder signs together are too.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -23,27 +26,29 @@ from training.phantom_anatomy import F32, Anatomy, Grid, Lung, Side, line_profil
 
 SIGNS = ("cardiomegaly", "effusion", "venous_diversion", "edema")
 BNP_THRESHOLD = 100.0  # ng/L
-BNP_INTERCEPT = 1.52
-BNP_WEIGHTS = {"cardiomegaly": 1.05, "effusion": 0.85, "venous_diversion": 0.25, "edema": 0.25}
-BNP_NOISE_SD = 0.27
-# sign raw value = load * burden + spread * own noise - offset; severity = clip(raw / scale, 0, 1)
-_SIGN_MODEL = {
-    "cardiomegaly": (0.85, 0.55, -0.15, 1.3),
-    "effusion": (0.80, 0.55, 0.30, 1.2),
-    "venous_diversion": (0.70, 0.65, 0.25, 1.3),
-    "edema": (0.80, 0.55, 0.60, 1.1),
-}
-_MIN_SEVERITY = 0.05  # below this a sign is absent: keeps every present sign visible at small sizes
+BNP_INTERCEPT = 1.48
+BNP_WEIGHTS = {"cardiomegaly": 0.80, "effusion": 0.80, "venous_diversion": 0.65, "edema": 0.75}
+BNP_NOISE_SD = 0.15
+# presence: P(sign) = sigmoid(base + BURDEN_LOAD * burden); severity when present ~ U(MIN_SEVERITY, 1)
+_PRESENCE_BASE = {"cardiomegaly": -1.0, "effusion": -1.1, "venous_diversion": -1.2, "edema": -1.1}
+_BURDEN_LOAD = 0.9
+MIN_SEVERITY = 0.2
+HAZE_REACH = 1.1  # perihilar haze ends this many hilar radii out
+NORMAL_CTR = (0.44, 0.03, 0.38, 0.485)  # mean, sd, clip low, clip high
 
 
 @dataclass(frozen=True)
 class SignState:
-    """What a phantom has: severities per sign, which sides effuse, the drawn CTR and BNP."""
+    """What a phantom has: severities per sign, which sides effuse, the drawn CTR and BNP.
+
+    ``base_ctr`` is the patient's own normal heart size: the CTR of the healthy twin.
+    """
 
     severities: dict[str, float]
     effusion_sides: tuple[float, float]  # severity on image left (patient right), image right
     ctr: float
     bnp: float
+    base_ctr: float
 
     def __post_init__(self) -> None:
         if set(self.severities) != set(SIGNS):
@@ -52,35 +57,41 @@ class SignState:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"severity of {name} must be in [0, 1], got {value}")
 
+    def healthy(self) -> SignState:
+        """The same patient with every sign removed (BNP: the noise-free value of no signs)."""
+        return replace(self, severities={name: 0.0 for name in SIGNS}, effusion_sides=(0.0, 0.0),
+                       ctr=self.base_ctr, bnp=float(10.0**BNP_INTERCEPT))
+
 
 def noise_free_log_bnp(severities: dict[str, float]) -> float:
     """The part of log10(BNP) a perfect reader of the severities could know (no noise term)."""
     return BNP_INTERCEPT + sum(BNP_WEIGHTS[name] * severities[name] for name in SIGNS)
 
 
+def _effusion_sides(rng: np.random.Generator, effusion: float) -> tuple[float, float]:
+    """Both sides (35%), the patient's right only (35%) or left only (30%)."""
+    which, other = rng.random(), effusion * rng.uniform(0.4, 1.0)
+    if which < 0.35:
+        return (effusion, other) if rng.random() < 0.5 else (other, effusion)
+    return (effusion, 0.0) if which < 0.70 else (0.0, effusion)
+
+
 def draw_signs(rng: np.random.Generator) -> SignState:
-    """Draw the latent burden, the correlated severities, the CTR and a noisy BNP."""
+    """Draw the burden, each sign's presence and severity, the CTR, the effusion sides and a noisy BNP."""
     burden = rng.standard_normal()
     severities = {}
     for name in SIGNS:
-        load, spread, offset, scale = _SIGN_MODEL[name]
-        raw = (load * burden + spread * rng.standard_normal() - offset) / scale
-        severities[name] = float(np.clip(raw, 0.0, 1.0)) if raw >= _MIN_SEVERITY else 0.0
+        present = rng.random() < 1.0 / (1.0 + math.exp(-(_PRESENCE_BASE[name] + _BURDEN_LOAD * burden)))
+        severity = rng.uniform(MIN_SEVERITY, 1.0)
+        severities[name] = float(severity) if present else 0.0
+    mean, sd, low, high = NORMAL_CTR
+    base_ctr = float(np.clip(mean + sd * rng.standard_normal(), low, high))
     cardio = severities["cardiomegaly"]
-    ctr = (
-        0.50 + 0.15 * cardio
-        if cardio > 0
-        else float(np.clip(0.44 + 0.03 * rng.standard_normal(), 0.38, 0.485))
-    )
-    effusion = severities["effusion"]
-    which = rng.random()
-    other = effusion * rng.uniform(0.4, 1.0)
-    if which < 0.45:  # bilateral
-        sides = (effusion, other) if rng.random() < 0.5 else (other, effusion)
-    else:  # unilateral, more often the patient's right
-        sides = (effusion, 0.0) if which < 0.8 else (0.0, effusion)
+    ctr = max(base_ctr + 0.02, 0.50 + 0.15 * cardio) if cardio > 0 else base_ctr
+    sides = _effusion_sides(rng, severities["effusion"])
     log_bnp = noise_free_log_bnp(severities) + BNP_NOISE_SD * rng.standard_normal()
-    return SignState(severities=severities, effusion_sides=sides, ctr=ctr, bnp=float(10.0**log_bnp))
+    return SignState(severities=severities, effusion_sides=sides, ctr=ctr, bnp=float(10.0**log_bnp),
+                     base_ctr=base_ctr)
 
 
 def effusion_fluid(grid: Grid, side: Side, lung: Lung, severity: float) -> np.ndarray:
@@ -115,10 +126,10 @@ def kerley_lines(grid: Grid, side: Side, lung: Lung, severity: float, seed: int)
 
 
 def edema_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
-    """Where edema shows: the lateral bases (Kerley lines) and the perihilar lung (haze)."""
-    in_lung = lung.field > 0.5
-    bases = (lung.to_lateral < 0.12) & (grid.v > side.cp_v - 0.40)
-    return in_lung & (bases | (_hilar_distance(grid, side) < 1.0))
+    """Where edema shows: the lateral bases (Kerley lines) and the perihilar lung (haze), soft edges included."""
+    in_lung = lung.field > 0
+    bases = (lung.to_lateral < 0.12) & (grid.v > side.cp_v - 0.43)
+    return in_lung & (bases | (_hilar_distance(grid, side) < HAZE_REACH))
 
 
 def _hilar_distance(grid: Grid, side: Side) -> np.ndarray:
@@ -129,12 +140,15 @@ def _hilar_distance(grid: Grid, side: Side) -> np.ndarray:
 
 def perihilar_haze(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
     """Bat-wing haze of alveolar/interstitial fluid, densest at the hilum."""
-    return np.asarray(np.exp(-np.square(_hilar_distance(grid, side)) * F32(1.6)) * lung.field, dtype=F32)
+    distance = _hilar_distance(grid, side)
+    # the tail is cut at HAZE_REACH so the haze (and the twin's difference) stays inside the edema mask
+    fade = np.clip((F32(HAZE_REACH) - distance) * F32(4.0), 0.0, 1.0)
+    return np.asarray(np.exp(-np.square(distance) * F32(1.6)) * fade * lung.field, dtype=F32)
 
 
 def upper_zone_mask(grid: Grid, side: Side, lung: Lung) -> np.ndarray:
-    """Upper zones: lung above a line a little over the hilum (where diverted veins show)."""
-    return (lung.field > 0.5) & (grid.v < side.hilum[1] - 0.08)
+    """Upper zones: lung above the hilum, where diverted (upward) veins run, soft lung edges included."""
+    return (lung.field > 0) & (grid.v < side.hilum[1] + 0.02)
 
 
 def vessels(grid: Grid, anatomy: Anatomy, side: Side, diversion: float) -> np.ndarray:

@@ -12,6 +12,12 @@ A phantom is a pure function of its seed: the same seed gives the same
 patient at any size (only the pixel noise differs), so a model trained on
 64-pixel phantoms can be checked against the 1024-pixel DICOM of the same
 seed.
+
+Every phantom has a **healthy twin** (:func:`make_twin`): the same patient,
+anatomy, pose, exposure and noise drawn with no signs and the patient's own
+normal heart size. ``image - twin`` is exactly what the disease added, the
+ground truth a counterfactual explanation should recover; outside the
+:func:`change_masks` it is zero.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ __all__ = [
     "Phantom",
     "anatomy_masks",
     "demographics",
+    "change_masks",
     "make_phantom",
+    "make_twin",
     "write_phantoms",
 ]
 
@@ -74,7 +82,8 @@ Part = Callable[[Grid], np.ndarray]
 
 # Independent random streams per aspect, so changing how anatomy is drawn never changes a phantom's BNP.
 _SIGNS_STREAM, _ANATOMY_STREAM, _EXPOSURE_STREAM, _PATIENT_STREAM, _NOISE_STREAM = 1, 2, 3, 4, 5
-CSV_COLUMNS = ("path", "bnp", "label", *SIGNS, "ctr", *(f"mask_{name}" for name in SIGNS))
+CSV_COLUMNS = ("path", "bnp", "label", *SIGNS, "ctr", "effusion_right", "effusion_left",
+               *(f"mask_{name}" for name in SIGNS), "twin")
 
 
 @dataclass(frozen=True)
@@ -83,7 +92,8 @@ class Phantom:
 
     ``image`` is float32 in [0, 1], MONOCHROME2 (bright = more attenuation);
     ``masks`` holds a boolean mask per sign in :data:`SIGNS`, all False
-    exactly when the sign's severity is 0.
+    exactly when the sign's severity is 0. ``effusion_sides`` is the effusion
+    severity on the patient's (right, left): image left, image right of a PA view.
     """
 
     image: np.ndarray
@@ -92,6 +102,7 @@ class Phantom:
     ctr: float
     bnp: float
     seed: int
+    effusion_sides: tuple[float, float] = (0.0, 0.0)
 
     def __post_init__(self) -> None:
         if self.image.ndim != 2 or self.image.dtype != np.float32:
@@ -170,9 +181,11 @@ def _check(seed: int, size: int) -> None:
         raise ValueError(f"size must be an integer between 16 and 8192 pixels, got {size!r}")
 
 
-def _setup(seed: int, size: int) -> tuple[Grid, Anatomy, SignState, _Exposure]:
+def _setup(seed: int, size: int, healthy: bool = False) -> tuple[Grid, Anatomy, SignState, _Exposure]:
     _check(seed, size)
     state = draw_signs(_rng(seed, _SIGNS_STREAM))
+    if healthy:
+        state = state.healthy()
     anatomy = draw_anatomy(_rng(seed, _ANATOMY_STREAM), female=demographics(seed).sex == "F")
     exposure = _draw_exposure(seed)
     grid = Grid.build(int(size), exposure.rotation, exposure.shift, exposure.scale)
@@ -260,8 +273,8 @@ def _hemithorax(
         yield window, added, masks
 
 
-def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], SignState]:
-    grid, anatomy, state, exposure = _setup(seed, size)
+def _render(seed: int, size: int, healthy: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], SignState]:
+    grid, anatomy, state, exposure = _setup(seed, size, healthy)
     heart = np.zeros((size, size), dtype=F32)
     _add(heart, grid, (-0.55, 0.75, -0.6, 1.1), lambda g: heart_field(g, anatomy, state.ctr))
     attenuation = body_thickness(grid, anatomy) + heart * F32(0.03)
@@ -273,15 +286,15 @@ def _render(seed: int, size: int) -> tuple[np.ndarray, dict[str, np.ndarray], Si
             np.maximum(cover[name][window], part, out=cover[name][window])
     masks = {name: _mask(cover[name]) if state.severities[name] > 0 else cover[name] > 1 for name in SIGNS}
     if state.severities["cardiomegaly"] > 0:
-        lateral = np.abs(grid.u)
-        dome = np.where(grid.u < 0, diaphragm_v(anatomy.right, lateral), diaphragm_v(anatomy.left, lateral))
-        masks["cardiomegaly"] = (heart > 0.5) & (grid.v < dome + F32(0.01))
+        # the enlarged heart's whole footprint (soft border and the part under the domes included):
+        # everything the twin's normal heart lacks lies inside it
+        masks["cardiomegaly"] = heart > 0
     return _display(attenuation, grid, exposure, seed), masks, state
 
 
 def _mask(cover: np.ndarray) -> np.ndarray:
-    """Pixels at least half covered; at tiny sizes a mild sign may cover none by half, so keep its best pixels."""
-    mask = cover > 0.5
+    """Pixels the sign touches at all (soft borders included, so the twin differs only inside the masks)."""
+    mask = cover > 0
     if not mask.any() and cover.max() > 0:
         mask = cover >= cover.max()
     return np.asarray(mask, dtype=bool)
@@ -329,7 +342,21 @@ def make_phantom(seed: int, size: int = 1024) -> Phantom:
         ctr=state.ctr,
         bnp=state.bnp,
         seed=int(seed),
+        effusion_sides=state.effusion_sides,
     )
+
+
+def make_twin(seed: int, size: int = 1024) -> np.ndarray:
+    """The healthy twin of phantom ``seed``: same patient, pose, exposure and noise, no signs (float32 image)."""
+    image, _, _ = _render(seed, size, healthy=True)
+    return image
+
+
+def change_masks(phantom: Phantom, twin: np.ndarray, tolerance: float = 1e-6) -> np.ndarray:
+    """Pixels where the disease changed the image (``|image - twin| > tolerance``)."""
+    if twin.shape != phantom.image.shape:
+        raise ValueError(f"twin shape {twin.shape} != phantom shape {phantom.image.shape}")
+    return np.asarray(np.abs(phantom.image - twin) > tolerance, dtype=bool)
 
 
 def anatomy_masks(seed: int, size: int = 1024) -> dict[str, np.ndarray]:
@@ -351,6 +378,9 @@ def _csv_row(phantom: Phantom, image: str, masks: dict[str, str]) -> dict[str, s
         "bnp": f"{phantom.bnp:.2f}",
         "label": str(int(phantom.label)),
         "ctr": f"{phantom.ctr:.4f}",
+        "effusion_right": f"{phantom.effusion_sides[0]:.4f}",
+        "effusion_left": f"{phantom.effusion_sides[1]:.4f}",
+        "twin": "",
     }
     for name in SIGNS:
         row[name] = f"{phantom.severities[name]:.4f}"
@@ -365,12 +395,15 @@ def write_phantoms(
     fmt: Literal["dicom", "png"],
     size: int = 1024,
     progress: Callable[[int], object] | None = None,
+    twins: bool = False,
 ) -> Path:
     """Write ``n`` phantoms (seeds ``seed`` .. ``seed + n - 1``), their sign masks and ``labels.csv``.
 
     Images go to ``out/images`` (DICOM DX, or 8-bit PNG), one PNG mask per
     present sign to ``out/masks``; the CSV's paths are relative to ``out``.
     ``progress`` is called with 1 after each phantom (a progress bar's update).
+    With ``twins``, each phantom's healthy twin goes to ``out/twins`` in the same
+    format, and its path to the CSV's ``twin`` column.
 
     Returns
     -------
@@ -390,12 +423,15 @@ def write_phantoms(
     from training.phantom_dicom import (  # pydicom only when files are written
         save_dicom,
         save_png,
+        save_twin_dicom,
         write_atomic,
     )
 
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
+    if twins:
+        (out / "twins").mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(n):
         phantom = make_phantom(seed + index, size)
@@ -410,7 +446,16 @@ def write_phantoms(
             if phantom.severities[name] > 0:
                 masks[name] = f"masks/{stem}_{name}.png"
                 save_png(phantom.masks[name], out / masks[name])
-        rows.append(_csv_row(phantom, image, masks))
+        row = _csv_row(phantom, image, masks)
+        if twins:
+            row["twin"] = f"twins/{stem}_twin.{'dcm' if fmt == 'dicom' else 'png'}"
+            twin = Phantom(make_twin(seed + index, size), {n: np.zeros_like(m) for n, m in phantom.masks.items()},
+                           {n: 0.0 for n in SIGNS}, phantom.ctr, phantom.bnp, phantom.seed)
+            if fmt == "dicom":
+                save_twin_dicom(twin, out / row["twin"])
+            else:
+                save_png(twin.image, out / row["twin"])
+        rows.append(row)
         if progress is not None:
             progress(1)
     csv_path = out / "labels.csv"

@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, default=0, help="seed of the first phantom (phantom i uses seed + i)"
     )
     what.add_argument("--size", type=int, default=1024, help="pixels per side")
+    what.add_argument("--twins", action="store_true",
+                      help="also write each phantom's healthy twin (same patient, no signs) to twins/")
     where = parser.add_argument_group("where")
     where.add_argument("--out", type=Path, required=True, help="output folder (created if missing)")
     where.add_argument(
@@ -105,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tqdm(total=args.n, desc="phantoms", unit="img", file=sys.stderr, disable=args.quiet) as bar:
             csv_path = write_phantoms(
-                args.n, args.seed, args.out, args.format, size=args.size, progress=bar.update
+                args.n, args.seed, args.out, args.format, size=args.size, progress=bar.update,
+                twins=args.twins,
             )
     except ValueError as error:
         print(f"gvr phantoms: {error}", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""``gvr train generator|encoder|classifier``: the three training stages of the method.
+"""``gvr train autoencoder|generator|encoder|classifier``: the training stages of the method.
+
+``autoencoder`` trains the generator and the encoder together (the demo bundle);
+``generator`` (WGAN-GP) then ``encoder`` is the paper's two-stage route.
 
 Each stage writes a folder (``--out``) holding safetensors weights, a
 ``state.json``, a JSON-lines metrics log and PNG loss plots; ``--resume``
@@ -54,6 +57,28 @@ def _add_generator(sub: argparse._SubParsersAction) -> None:  # type: ignore[typ
     _common(p)
 
 
+def _add_autoencoder(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("autoencoder", help="generator and encoder trained together (writes OUT/generator, "
+                       "OUT/encoder)", formatter_class=_FMT)
+    p.add_argument("--data", required=True, help=_data_help())
+    arch = p.add_argument_group("architecture")
+    arch.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256), help="model image side")
+    arch.add_argument("--latent", type=int, default=128, help="latent size")
+    arch.add_argument("--channels", type=int, default=16, help="width of the full-resolution layers (G and E)")
+    arch.add_argument("--max-channels", type=int, default=256, help="widest layer")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=int, default=3000, help="updates (total, also with --resume)")
+    opt.add_argument("--batch", type=int, default=32, help="images per batch")
+    opt.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate at the start (cosine decay)")
+    opt.add_argument("--final-lr", type=float, default=1e-4, help="learning rate at the last step")
+    opt.add_argument("--ssim-weight", type=float, default=0.5, help="weight of 1 - SSIM beside the L1 loss")
+    opt.add_argument("--latent-noise", type=float, default=0.1,
+                     help="noise added to E(x) before decoding, relative to the latent's scale")
+    opt.add_argument("--prior-weight", type=float, default=1e-3, help="weight of mean(z^2)")
+    opt.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    _common(p)
+
+
 def _add_encoder(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("encoder", help="invert a trained generator", formatter_class=_FMT)
     p.add_argument("--generator", type=Path, required=True, help="folder of `gvr train generator`")
@@ -90,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvr train", description=__doc__, formatter_class=_FMT)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    _add_autoencoder(sub)
     _add_generator(sub)
     _add_encoder(sub)
     _add_classifier(sub)
@@ -110,6 +136,23 @@ def _run_generator(args: argparse.Namespace) -> dict[str, object]:
     device = resolve_device(args.device)
     images = load_unlabelled(args.data, arch.resolution, args.cache, args.workers)
     return train_generator(images, cfg, args.out, args.resume, device, f"{args.data} ({len(images)} images)")
+
+
+def _run_autoencoder(args: argparse.Namespace) -> dict[str, object]:
+    from inference.models import ArchitectureConfig
+    from training.data import load_unlabelled
+    from training.progress import resolve_device
+    from training.train_autoencoder import AutoencoderTraining, train_autoencoder
+
+    arch = ArchitectureConfig(resolution=args.resolution, latent_dim=args.latent, generator_channels=args.channels,
+                              encoder_channels=args.channels, critic_channels=args.channels,
+                              max_channels=args.max_channels, generator_body="upsample")
+    cfg = AutoencoderTraining(architecture=arch, steps=args.steps, batch=args.batch, lr=args.lr,
+                              final_lr=args.final_lr, ssim_weight=args.ssim_weight, latent_noise=args.latent_noise,
+                              prior_weight=args.prior_weight, seed=args.seed, checkpoint_every=args.checkpoint_every)
+    device = resolve_device(args.device)
+    images = load_unlabelled(args.data, arch.resolution, args.cache, args.workers)
+    return train_autoencoder(images, cfg, args.out, args.resume, device, f"{args.data} ({len(images)} images)")
 
 
 def _run_encoder(args: argparse.Namespace) -> dict[str, object]:
@@ -183,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    runners = {"generator": _run_generator, "encoder": _run_encoder, "classifier": _run_classifier}
+    runners = {"autoencoder": _run_autoencoder, "generator": _run_generator, "encoder": _run_encoder, "classifier": _run_classifier}
     started = time.monotonic()
     try:
         result = runners[args.stage](args)
