@@ -15,7 +15,8 @@ from PIL import Image
 
 from training.cli import phantoms as phantoms_cli
 from training.phantom_dicom import DX_FOR_PRESENTATION, MAX_VALUE, phantom_dataset, to_model_image
-from training.phantoms import SIGNS, Phantom, anatomy_masks, make_phantom, write_phantoms
+from training.phantom_signs import BNP_THRESHOLD, BNP_WEIGHTS
+from training.phantoms import SIGNS, Phantom, anatomy_masks, make_phantom, make_twin, write_phantoms
 
 CSV_COLUMNS = [
     "path",
@@ -26,10 +27,13 @@ CSV_COLUMNS = [
     "venous_diversion",
     "edema",
     "ctr",
+    "effusion_right",
+    "effusion_left",
     "mask_cardiomegaly",
     "mask_effusion",
     "mask_venous_diversion",
     "mask_edema",
+    "twin",
 ]
 SIZE = 128
 
@@ -106,7 +110,7 @@ def test_cardiomegaly_mask_measures_larger_ctr_than_normal_heart() -> None:
     big = _first_seed(lambda p: p.severities["cardiomegaly"] > 0.6)
     normal = _first_seed(lambda p: p.severities["cardiomegaly"] == 0 and p.ctr < 0.46)
     enlarged, healthy = make_phantom(big, 256), make_phantom(normal, 256)
-    big_ctr = _measured_ctr(enlarged.masks["cardiomegaly"], anatomy_masks(big, 256)["lungs"])
+    big_ctr = _measured_ctr(anatomy_masks(big, 256)["heart"], anatomy_masks(big, 256)["lungs"])
     normal_ctr = _measured_ctr(anatomy_masks(normal, 256)["heart"], anatomy_masks(normal, 256)["lungs"])
     assert big_ctr > 0.5 > normal_ctr
     assert big_ctr > normal_ctr + 0.08
@@ -261,3 +265,90 @@ def test_cli_phantoms_writes_csv_preview_and_reports_errors(
         assert image.mode == "RGB" and image.width == 2 * 256
     assert phantoms_cli.main(["--n", "0", "--out", str(tmp_path), "--quiet"]) == 2
     assert "n must be a positive integer" in capsys.readouterr().err
+
+
+def test_signs_occur_alone_and_each_alone_can_be_positive() -> None:
+    """Over 1500 phantoms every sign occurs as the only sign, and each such lone sign makes some positives."""
+    phantoms = [make_phantom(seed, 16) for seed in range(1500)]
+    positives = sum(p.label for p in phantoms)
+    for name in SIGNS:
+        alone = [p for p in phantoms if p.severities[name] > 0 and sum(v > 0 for v in p.severities.values()) == 1]
+        lone_positives = sum(p.label for p in alone)
+        assert lone_positives >= 0.03 * positives, (name, lone_positives, positives)
+    no_cardio = [p for p in phantoms if p.severities["cardiomegaly"] == 0]
+    assert sum(p.label for p in no_cardio) >= 0.3 * positives
+
+
+def test_no_single_sign_decides_the_label() -> None:
+    """Every weight is below the margin from the intercept to the threshold's log: a sign needs severity to count."""
+    margin = np.log10(BNP_THRESHOLD) - 1.48
+    assert all(0.5 * margin < weight < 2 * margin for weight in BNP_WEIGHTS.values())
+
+
+def test_effusion_left_right_or_both() -> None:
+    """One-sided effusions occur on either side, and the mask is only on that side's half of the image."""
+    sides = {"right": 0, "left": 0, "both": 0}
+    for seed in range(300):
+        phantom = make_phantom(seed, 32)
+        right, left = phantom.effusion_sides
+        if phantom.severities["effusion"] == 0:
+            assert right == left == 0
+            continue
+        sides["both" if right and left else "right" if right else "left"] += 1
+    assert min(sides.values()) >= 10, sides
+    seed = _first_seed(lambda p: p.effusion_sides[0] > 0.4 and p.effusion_sides[1] == 0)
+    mask = make_phantom(seed, 64).masks["effusion"]
+    assert mask[:, :32].sum() > 0 and mask[:, 32:].sum() == 0  # patient's right = image left (PA view)
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_twin_same_patient_zero_difference_outside_the_masks(size: int) -> None:
+    """The twin shares anatomy and noise: it equals the phantom exactly outside the sign masks, differs inside."""
+    for seed in range(12):
+        phantom, twin = make_phantom(seed, size), make_twin(seed, size)
+        union = np.zeros_like(phantom.image, dtype=bool)
+        for name in SIGNS:
+            union |= phantom.masks[name]
+        assert np.array_equal(phantom.image[~union], twin[~union]), seed
+        if any(phantom.severities.values()):
+            assert np.abs(phantom.image - twin)[union].max() > 0.02, seed
+        else:
+            assert np.array_equal(phantom.image, twin)
+
+
+def test_twin_is_a_pure_function_of_the_seed() -> None:
+    """Same seed, same twin; another seed, another patient."""
+    assert np.array_equal(make_twin(7, 64), make_twin(7, 64))
+    assert not np.array_equal(make_twin(7, 64), make_twin(8, 64))
+
+
+def test_twin_of_cardiomegaly_has_a_normal_heart() -> None:
+    """x - twin over an enlarged heart is positive (denser) and the twin's own heart is normal sized."""
+    seed = _first_seed(lambda p: p.severities["cardiomegaly"] > 0.6 and p.severities["effusion"] == 0)
+    phantom, twin = make_phantom(seed, 128), make_twin(seed, 128)
+    added = (phantom.image - twin)[phantom.masks["cardiomegaly"]]
+    assert added.mean() > 0.01
+
+
+def test_write_phantoms_with_twins(tmp_path: Path) -> None:
+    """--twins writes a twin per phantom, listed in labels.csv; the DICOM twin has its own SOP instance."""
+    csv_path = write_phantoms(3, 5, tmp_path / "png", "png", size=48, twins=True)
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for index, row in enumerate(rows):
+        with Image.open(csv_path.parent / row["twin"]) as image:
+            pixels = np.asarray(image, dtype=np.float32) / 255.0
+        assert np.abs(pixels - make_twin(5 + index, 48)).max() <= 0.5 / 255 + 1e-6
+    csv_path = write_phantoms(1, 9, tmp_path / "dcm", "dicom", size=64, twins=True)
+    with csv_path.open(newline="") as handle:
+        row = next(csv.DictReader(handle))
+    source, twin = pydicom.dcmread(csv_path.parent / row["path"]), pydicom.dcmread(csv_path.parent / row["twin"])
+    assert source.PatientID == twin.PatientID
+    assert source.SOPInstanceUID != twin.SOPInstanceUID and source.StudyInstanceUID != twin.StudyInstanceUID
+
+
+def test_cli_phantoms_twins(tmp_path: Path) -> None:
+    """gvr phantoms --twins writes twins/."""
+    argv = ["--n", "2", "--seed", "3", "--out", str(tmp_path), "--format", "png", "--size", "32", "--quiet"]
+    assert phantoms_cli.main([*argv, "--twins"]) == 0
+    assert len(list((tmp_path / "twins").glob("*.png"))) == 2
