@@ -19,7 +19,9 @@ image minus it, ``x - (G(z0) - G(z*))``.
 
 Convergence, per image: the objective improved by less than ``tolerance`` over
 the last ``patience`` steps (or ``max_steps`` was reached); ``converged`` says
-which. One optimisation serves a whole batch. The loss is a *sum* over images
+which. Each image keeps the best latent it visited, so the objective at ``z*``
+never exceeds the one at ``z0``; an image already under ``target`` is not
+optimised at all (nothing to remove: ``z* = z0``). One optimisation serves a whole batch. The loss is a *sum* over images
 and Adam's update is element-wise, so each image's path is the same whether it
 runs alone or in a batch; a converged image is frozen (its latent restored after
 every step), so the others may go on without moving it.
@@ -217,12 +219,13 @@ def optimise_latents(bundle: Bundle, z0: torch.Tensor, config: RationaleConfig
     z = z0.clone().requires_grad_(True)
     optimiser = torch.optim.Adam([z], lr=config.lr)
     steps = torch.zeros(n, dtype=torch.long, device=z0.device)
-    active = torch.ones(n, dtype=torch.bool, device=z0.device)
-    converged = torch.zeros(n, dtype=torch.bool, device=z0.device)
+    with torch.no_grad():  # an image already under the target has nothing to remove: z* = z0, 0 steps
+        active = bundle.classifier.predict_proba(z0) >= target
+    converged = ~active
     losses = [start_loss.clone()]  # objective per image before each step (frozen images repeat theirs)
     history = [z0.detach().clone()]
     best_z, best_loss = z0.detach().clone(), start_loss.clone()
-    for step in range(config.max_steps):
+    for step in range(config.max_steps if bool(active.any()) else 0):
         rows = active.nonzero().squeeze(1)  # only images still moving cost a decode
         loss, _ = objective(z[rows], rows)
         optimiser.zero_grad(set_to_none=True)

@@ -121,8 +121,12 @@ def _plots(out: Path, labels: np.ndarray, probabilities: np.ndarray, errors: np.
 
 
 def evaluate_bundle(bundle: Any, data: LabelledImages, out: Path, bootstrap: int = 2000,
-                    seed: int = 0) -> dict[str, Any]:
-    """Metrics of ``bundle`` on ``data``; writes report.json, calibration.png, reconstruction PNGs."""
+                    seed: int = 0, baseline: LabelledImages | None = None) -> dict[str, Any]:
+    """Metrics of ``bundle`` on ``data``; writes report.json, calibration.png, reconstruction PNGs.
+
+    On phantoms, also which signs the classifier uses (``training.sign_analysis``); with
+    ``baseline`` (the labelled training set), the 8 x 8 pooled-pixel logistic regression's AUC.
+    """
     from training.train_generator import write_grid
 
     out.mkdir(parents=True, exist_ok=True)
@@ -141,9 +145,44 @@ def evaluate_bundle(bundle: Any, data: LabelledImages, out: Path, bootstrap: int
               "bnp_threshold": data.threshold, "calibration": calibration,
               "brier": float(np.mean((probabilities - labels) ** 2)),
               "reconstruction_mae": float(errors.mean()), "reconstruction_error": percentiles(errors)}
+    report.update(_reconstruction_ssim(bundle, data.images))
+    report.update(_sign_sections(data, probabilities, threshold, baseline))
     _plots(out, labels, probabilities, errors, calibration)
     with torch.no_grad():
         x = to_tensor(data.images[:16])
         recon = bundle.generator.decode(bundle.encoder.encode(x)).squeeze(1).numpy()
     write_grid([x.squeeze(1).numpy(), recon], out / "reconstructions.png", per_row=4)
     return report
+
+
+def _sign_sections(data: LabelledImages, probabilities: np.ndarray, threshold: float,
+                   baseline: LabelledImages | None) -> dict[str, Any]:
+    from training.sign_analysis import _safe_auc, phantom_signs, pixel_baseline_auc, seeds_of, sign_report
+
+    sections: dict[str, Any] = {}
+    seeds = seeds_of(data.names)
+    severities = phantom_signs(seeds)[0] if seeds is not None else None
+    if severities is not None:
+        sections["signs"] = sign_report(data.labels, probabilities, threshold, severities)
+    if baseline is not None:
+        pixels = pixel_baseline_auc(baseline.images, baseline.labels, data.images, data.labels)
+        scores = pixels.pop("scores")
+        if severities is not None:
+            keep = severities[:, 0] == 0
+            pixels["without_cardiomegaly"] = _safe_auc(data.labels[keep], scores[keep])
+        sections["pixel_baseline"] = pixels
+    return sections
+
+
+def _reconstruction_ssim(bundle: Any, images: np.ndarray, batch: int = 128) -> dict[str, Any]:
+    """SSIM(x, G(E(x))) at model resolution (data range 1): does the decoding keep the image's structure?"""
+    from training.train_autoencoder import ssim
+
+    values = []
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            x = to_tensor(images[i:i + batch])
+            values.append(ssim(bundle.generator.decode(bundle.encoder.encode(x)), x))
+    scores = torch.cat(values).numpy().astype(np.float64)
+    return {"reconstruction_ssim": float(scores.mean()),
+            "reconstruction_ssim_p5_p50_p95": [float(np.percentile(scores, q)) for q in (5, 50, 95)]}

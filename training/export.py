@@ -34,8 +34,14 @@ PREPROCESSING: dict[str, Any] = {
 
 def _metrics(evaluation: dict[str, Any] | None, classifier_state: dict[str, Any]) -> dict[str, Any]:
     if evaluation is not None:
-        keys = ("n", "positives", "auc", "auc_ci95", "sensitivity", "specificity", "brier", "reconstruction_mae")
-        return {"source": "held-out evaluation", **{k: evaluation[k] for k in keys if k in evaluation}}
+        keys = ("n", "positives", "auc", "auc_ci95", "sensitivity", "specificity", "brier", "reconstruction_mae",
+                "reconstruction_ssim")
+        metrics = {"source": "held-out evaluation", **{k: evaluation[k] for k in keys if k in evaluation}}
+        if "signs" in evaluation:
+            metrics["auc_without_cardiomegaly"] = evaluation["signs"]["without_cardiomegaly"]["auc"]
+        if "pixel_baseline" in evaluation:
+            metrics["pixel_baseline_auc"] = evaluation["pixel_baseline"]["auc"]
+        return metrics
     best = classifier_state["classifier"]
     return {"source": "classifier validation split", "auc": best["val_auc"], "n": best["n_val"]}
 
@@ -71,6 +77,8 @@ def export_bundle(generator_dir: Path, encoder_dir: Path, classifier_dir: Path, 
                        "encoder_steps": e_state["step"], "classifier": c_state.get("data", ""),
                        "evaluation": (evaluation or {}).get("data", "")},
         metrics=_metrics(evaluation, c_state),
+        display=({"rationale_scale": float(evaluation["rationale_scale"])}
+                 if evaluation and "rationale_scale" in evaluation else {}),
     )
     tmp = out / (MANIFEST_FILE + ".tmp")
     tmp.write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")

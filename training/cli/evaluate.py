@@ -19,6 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="folder for report.json and PNGs")
     parser.add_argument("--threshold", type=float, default=None,
                         help="BNP threshold (ng/L); default: the bundle's")
+    parser.add_argument("--baseline-labels", default=None,
+                        help="the labelled training set (CSV or phantoms:...): also fit the 8x8 pooled-pixel "
+                             "logistic regression on it and report its held-out AUC beside the bundle's")
+    parser.add_argument("--colour-scale-from", default=None,
+                        help="validation images (CSV or phantoms:..., never the held-out set): fix the overlay's "
+                             "colour scale from the rationales of those the bundle calls positive")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the AUC interval")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes that render phantoms")
@@ -43,7 +49,14 @@ def main(argv: list[str] | None = None) -> int:
         bundle = load_bundle(args.bundle)
         threshold = args.threshold if args.threshold is not None else bundle.manifest.bnp_threshold
         data = load_labelled(args.labels, bundle.manifest.resolution, threshold, args.workers)
-        report = evaluate_bundle(bundle, data, args.out, args.bootstrap, args.seed)
+        baseline = (load_labelled(args.baseline_labels, bundle.manifest.resolution, threshold, args.workers)
+                    if args.baseline_labels else None)
+        report = evaluate_bundle(bundle, data, args.out, args.bootstrap, args.seed, baseline)
+        if args.colour_scale_from:
+            from training.colour_scale import rationale_scale
+
+            validation = load_labelled(args.colour_scale_from, bundle.manifest.resolution, threshold, args.workers)
+            report.update(rationale_scale(bundle, validation.images))
     except (BundleInvalidError, ValueError, OSError) as exc:
         print(f"gvr evaluate: {exc}", file=sys.stderr)
         return 2
