@@ -22,7 +22,12 @@ from inference.rationale import Rationale, RationaleConfig, explain
 
 @dataclass(frozen=True)
 class ImageExplanation:
-    """One image's numbers and model-space maps (``R x R`` float32 in [-1, 1]; rationale in [-2, 2])."""
+    """One image's numbers and model-space maps (``R x R`` float32 in [-1, 1]; rationale in [-2, 2]).
+
+    ``healthy`` is the model's decoding ``G(z*)``; ``counterfactual`` is the
+    model image with the disease removed, ``clip(x - rationale)``: what a reader
+    is shown as healthy (the patient's own image, not a decoding).
+    """
 
     probability: float
     probability_healthy: float
@@ -32,13 +37,15 @@ class ImageExplanation:
     reconstruction: np.ndarray
     healthy: np.ndarray
     rationale: np.ndarray
+    counterfactual: np.ndarray
     frames: np.ndarray  # F x R x R, from reconstruction to healthy
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0 or not 0.0 <= self.probability_healthy <= 1.0:
             raise ValueError(f"probabilities must lie in [0, 1], got {self.probability}, {self.probability_healthy}")
-        if self.rationale.shape != self.healthy.shape or self.rationale.ndim != 2:
-            raise ValueError(f"rationale {self.rationale.shape} and healthy {self.healthy.shape} must be one R x R")
+        if not self.rationale.shape == self.healthy.shape == self.counterfactual.shape or self.rationale.ndim != 2:
+            raise ValueError(f"rationale {self.rationale.shape}, healthy {self.healthy.shape} and counterfactual "
+                             f"{self.counterfactual.shape} must be one R x R")
 
 
 def split(result: Rationale) -> list[ImageExplanation]:
@@ -47,7 +54,7 @@ def split(result: Rationale) -> list[ImageExplanation]:
             probability=float(result.p0[i]), probability_healthy=float(result.p_star[i]),
             steps=int(result.steps[i]), ood_score=float(result.ood_score[i]), ood_flag=bool(result.ood_flag[i]),
             reconstruction=result.reconstruction[i], healthy=result.healthy[i], rationale=result.rationale[i],
-            frames=result.frames[i],
+            counterfactual=result.counterfactual[i], frames=result.frames[i],
         )
         for i in range(len(result))
     ]
@@ -93,11 +100,13 @@ def to_unit(model_space: np.ndarray) -> np.ndarray:
 def artefact_maps(explanation: ImageExplanation, geometry: Geometry) -> dict[str, np.ndarray]:
     """The arrays ``node.artefacts`` names: display units ([0, 1]) on the source grid, the cine in model space.
 
-    The rationale is ``reconstruction - healthy`` in those units (half the model-space difference).
+    The rationale is ``reconstruction - healthy`` in those units (half the
+    model-space difference), upsampled onto the source grid. No healthy image:
+    the node makes the one a reader sees from the source itself,
+    ``node.results.overlay.healthy_image(source - rationale)``, at full resolution.
     """
     return {
         "reconstruction": geometry.to_original(to_unit(explanation.reconstruction)),
-        "healthy": geometry.to_original(to_unit(explanation.healthy)),
         "rationale": geometry.to_original(explanation.rationale / 2.0),
         "cine": to_unit(explanation.frames),
     }

@@ -1,9 +1,11 @@
-"""The pictures of ``gvr explain``: PNGs at the source's own resolution and the cine as a GIF.
+"""The files of ``gvr explain``: PNGs at the source's own resolution, the cine as a GIF, raw maps.
 
 The drawing itself is the delivery code's (``node.results.overlay``), so the
-overlay a user sees offline is the one the PACS receives; this module only
-writes files: greyscale and RGB PNGs, and an animated GIF that plays from the
-original decoding to the healthy one and back.
+pictures a user sees offline are the ones the PACS receives (a negative gets the
+grey overlay only); this module only writes files: greyscale and RGB PNGs, an
+animated GIF that plays the model's decodings from the image to its healthy
+version and back, and the model-resolution maps as ``.npy`` for tools that
+score them.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from node.results.overlay import Caption, render_cine, render_overlay
+from node.results.overlay import Caption, healthy_image, render_cine, render_overlay, render_side_by_side
 
 GIF_FRAME_MS = 120
 GIF_END_PAUSE_MS = 600
@@ -46,17 +48,43 @@ def write_gif(frames: np.ndarray, path: Path, frame_ms: int = GIF_FRAME_MS) -> P
 
 
 def write_pictures(folder: Path, base: np.ndarray, maps: dict[str, np.ndarray], caption: Caption) -> list[Path]:
-    """input.png, reconstruction.png, healthy.png, rationale.png (overlay) and cine.gif in ``folder``.
+    """The pictures of one image in ``folder``; returns the paths written.
 
-    ``base`` is the source as displayed ([0, 1], source grid); ``maps`` holds the
-    artefact arrays of ``node.artefacts`` (reconstruction, healthy, rationale on
-    the source grid; cine in model space).
+    Always ``input.png`` (the source as displayed), ``reconstruction.png`` (the
+    model's decoding, upsampled), ``healthy.png`` (the source minus the
+    rationale, ``healthy_image``) and ``rationale.png`` (the overlay SC's
+    pixels); when the overlay shows a rationale also ``side-by-side.png`` and
+    ``cine.gif``, as the PACS gets them. ``base`` is the source as displayed
+    ([0, 1], source grid); ``maps`` holds the artefact arrays of
+    ``node.artefacts`` (reconstruction, rationale on the source grid; cine in
+    model space).
     """
     folder.mkdir(parents=True, exist_ok=True)
-    return [
+    healthy = healthy_image(base, maps["rationale"])
+    written = [
         write_png(base, folder / "input.png"),
         write_png(maps["reconstruction"], folder / "reconstruction.png"),
-        write_png(maps["healthy"], folder / "healthy.png"),
+        write_png(healthy, folder / "healthy.png"),
         write_png(render_overlay(base, maps["rationale"], caption), folder / "rationale.png"),
-        write_gif(render_cine(maps["cine"], caption, min_size=256), folder / "cine.gif"),
     ]
+    if caption.shows_rationale:
+        written.append(write_png(render_side_by_side(base, healthy, caption), folder / "side-by-side.png"))
+        written.append(write_gif(render_cine(maps["cine"], caption, min_size=256), folder / "cine.gif"))
+    return written
+
+
+def write_model_maps(folder: Path, rationale: np.ndarray, counterfactual: np.ndarray) -> list[Path]:
+    """``rationale.npy`` and ``healthy.npy``: float32 ``R x R`` in model space, for other tools to score.
+
+    ``rationale`` is ``G(z0) - G(z*)`` (positive = speaks for disease, in [-2, 2]),
+    ``counterfactual`` the model image with the disease removed (in [-1, 1]).
+    """
+    if rationale.shape != counterfactual.shape or rationale.ndim != 2:
+        raise ValueError(f"rationale {rationale.shape} and healthy {counterfactual.shape} must be one R x R")
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, array in (("rationale", rationale), ("healthy", counterfactual)):
+        path = folder / f"{name}.npy"
+        np.save(path, np.asarray(array, dtype=np.float32), allow_pickle=False)
+        written.append(path)
+    return written

@@ -233,7 +233,8 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
         _fail(ctx, job_id, f"no usable image: {reasons}")
         return "failed"
     explanations = explain_images(ctx.bundle, [p.image for p in prepared], config)
-    model = ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold)
+    model = ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold,
+                      manifest.rationale_scale)
     images = tuple(_image_result(p, e, model.threshold) for p, e in zip(prepared, explanations, strict=True))
     result = JobResult(job_id, model, ctx.settings.device, images, time.perf_counter() - started)
     arrays = {image.key: artefact_maps(e, p.geometry) for image, p, e in zip(images, prepared, explanations, strict=True)}

@@ -5,11 +5,17 @@ reads. Numbers go in ``result.json``; pixel maps as ``.npy`` files beside it, al
 source image's own pixel grid (rows x columns) unless named ``model_*``::
 
     <spool>/results/<job_id>/result.json
-    <spool>/results/<job_id>/<image_key>/rationale.npy     float32, signed: G(z0) - G(z*) mapped back
-    <spool>/results/<job_id>/<image_key>/healthy.npy       float32 in [0, 1]: G(z*) mapped back
+    <spool>/results/<job_id>/<image_key>/rationale.npy     float32, signed, display units (an intensity
+                                                            difference on [0, 1]): (G(z0) - G(z*)) / 2
+                                                            mapped back; positive = speaks for disease
     <spool>/results/<job_id>/<image_key>/reconstruction.npy float32 in [0, 1]: G(z0) mapped back
     <spool>/results/<job_id>/<image_key>/cine.npy          float32 [frames, R, R] in [0, 1], model space,
                                                             from G(z0) to G(z*)
+
+No healthy image is stored: the one a reader sees is the source as displayed
+minus the rationale (``node.results.overlay.healthy_image``), so the node derives
+it from the source and ``rationale.npy`` and it can never disagree with the
+overlay (and a 2048 px source does not cost another 16 MB of spool).
 
 This module stays free of torch: the node reads it.
 """
@@ -26,21 +32,38 @@ from typing import Any
 import numpy as np
 
 RESULT_FILE = "result.json"
-ARRAY_NAMES = ("rationale", "healthy", "reconstruction", "cine")
+ARRAY_NAMES = ("rationale", "reconstruction", "cine")
+DEFAULT_RATIONALE_SCALE = 0.10  # display units drawn at full colour when the bundle fixes none
 
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """The bundle facts the pictures and the report need.
+
+    ``rationale_scale`` is the bundle's fixed colour scale (``display.rationale_scale``):
+    the |rationale| in display units drawn at full colour, the same for every
+    patient so colour means the same everywhere. None (an older bundle) falls back
+    to DEFAULT_RATIONALE_SCALE, never to a per-image scale.
+    """
+
     name: str
     version: str
     threshold: float  # decision threshold on the probability
     bnp_threshold: float = 100.0
+    rationale_scale: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.version:
             raise ValueError("model name and version are required")
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"decision threshold {self.threshold} must lie in (0, 1)")
+        if self.rationale_scale is not None and not 0.0 < self.rationale_scale <= 1.0:
+            raise ValueError(f"rationale scale {self.rationale_scale} must lie in (0, 1] (display units)")
+
+    @property
+    def colour_scale(self) -> float:
+        """The |rationale| drawn at full colour: the bundle's, else DEFAULT_RATIONALE_SCALE."""
+        return self.rationale_scale if self.rationale_scale is not None else DEFAULT_RATIONALE_SCALE
 
 
 @dataclass(frozen=True)
@@ -51,7 +74,7 @@ class ImageResult:
     source_sop_instance_uid: str
     source_path: str  # the spooled source instance
     probability: float  # p0 = f(E(x))
-    probability_healthy: float  # p* = f(z*)
+    probability_healthy: float  # p* = f(z*): the model's probability after the disease is removed
     positive: bool  # probability >= threshold
     steps: int
     ood_score: float  # mean |x - G(E(x))|
@@ -68,6 +91,9 @@ class ImageResult:
 
     @property
     def finding(self) -> str:
+        """The finding as burned in: none for an image unlike the training data (its p is unreliable)."""
+        if self.ood_flag:
+            return "no finding (image unlike the training data)"
         return "heart failure likely" if self.positive else "heart failure unlikely"
 
 

@@ -1,10 +1,16 @@
 """``gvr explain FILE ... --out DIR``: predict and explain radiographs offline, no server needed.
 
-For each file, a folder ``DIR/<name>/`` with ``input.png``, ``reconstruction.png``,
-``healthy.png`` and ``rationale.png`` (the overlay the PACS would receive) at the
-source's own resolution, ``cine.gif`` (original decoding to healthy) and
-``result.json``; ``DIR/summary.json`` lists every file, including those that
-could not be used and why. Exit status 0 when every file was explained, 1 when
+For each file, a folder ``DIR/<name>/`` with, at the source's own resolution,
+``input.png`` (the source as displayed), ``reconstruction.png`` (the model's
+decoding), ``healthy.png`` (the source minus the rationale) and ``rationale.png``
+(the overlay the PACS would receive: grey, and saying why, for a negative);
+for a shown rationale also ``side-by-side.png`` and ``cine.gif`` (the model's
+decodings, from the image to its healthy version) as the PACS gets them; the
+raw maps at model resolution, float32 in model space, for other tools to score:
+``rationale.npy`` (``G(z0) - G(z*)``, positive = speaks for disease) and
+``healthy.npy`` (the model image with the disease removed); and ``result.json``.
+``DIR/summary.json`` lists every file, including those that could not be used
+and why. Exit status 0 when every file was explained, 1 when
 some were not, 2 for bad options or a bad bundle.
 """
 
@@ -16,11 +22,14 @@ import logging
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from node.cli.common import setup_logging
+
+if TYPE_CHECKING:
+    from node.artefacts import ModelInfo
 
 log = logging.getLogger("gvr.explain")
 
@@ -99,17 +108,25 @@ def _names(paths: list[Path]) -> list[str]:
     return names
 
 
+def model_info(manifest: Any) -> ModelInfo:
+    """The bundle facts the pictures need (``node.artefacts.ModelInfo``), its fixed colour scale included."""
+    from node.artefacts import ModelInfo
+
+    return ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold,
+                     manifest.rationale_scale)
+
+
 def _record(item: _Loaded, explanation: Any, manifest: Any, config: Any) -> dict[str, Any]:
     threshold = manifest.decision_threshold
     return {
         "file": str(item.path), "sop_instance_uid": item.sop_instance_uid, "folder": item.name,
         "probability": explanation.probability, "probability_healthy": explanation.probability_healthy,
         "positive": explanation.probability >= threshold,
-        "finding": "heart failure likely" if explanation.probability >= threshold else "heart failure unlikely",
         "decision_threshold": threshold, "target": config.target_for(threshold), "steps": explanation.steps,
         "ood_score": explanation.ood_score, "ood_flag": explanation.ood_flag,
         "ood_p99": manifest.reconstruction_error["p99"],
         "rationale_max_abs": float(np.abs(explanation.rationale).max() / 2.0),
+        "rationale_scale": model_info(manifest).colour_scale,
         "proximity": float(np.abs(explanation.healthy - explanation.reconstruction).mean() / 2.0),
         "model": {"name": manifest.name, "version": manifest.version, "resolution": manifest.resolution},
         "rationale_config": {**asdict(config), "distance": config.distance.value},
@@ -118,19 +135,21 @@ def _record(item: _Loaded, explanation: Any, manifest: Any, config: Any) -> dict
 
 def _write(item: _Loaded, explanation: Any, bundle: Any, config: Any, out: Path) -> dict[str, Any]:
     from inference.predict import artefact_maps
-    from inference.render import write_pictures
-    from node.artefacts import ImageResult, ModelInfo
+    from inference.render import write_model_maps, write_pictures
+    from node.artefacts import ImageResult
     from node.results.overlay import Caption
 
     manifest = bundle.manifest
     record = _record(item, explanation, manifest, config)
-    model = ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold)
+    model = model_info(manifest)
     image = ImageResult(key=item.name, source_sop_instance_uid=item.sop_instance_uid or "",
                         source_path=str(item.path), probability=record["probability"],
                         probability_healthy=record["probability_healthy"], positive=record["positive"],
                         steps=record["steps"], ood_score=record["ood_score"], ood_flag=record["ood_flag"])
+    record["finding"] = image.finding  # as burned in: no finding for an image unlike the training data
     folder = out / item.name
     write_pictures(folder, item.base, artefact_maps(explanation, item.geometry), Caption.for_image(model, image))
+    write_model_maps(folder, explanation.rationale, explanation.counterfactual)
     (folder / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
@@ -174,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"bundle": str(bundle.path), "images": records, "not_used": failures}
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     for record in records:
-        print(f"{record['file']}: p = {record['probability']:.3f} -> {record['probability_healthy']:.3f} "
+        print(f"{record['file']}: p = {record['probability']:.3f} ({record['probability_healthy']:.3f} after removal) "
               f"({record['finding']}, {record['steps']} steps{', OUT OF DISTRIBUTION' if record['ood_flag'] else ''})")
     print(f"wrote {len(records)} explanation(s) to {args.out}" + (f"; {len(failures)} file(s) not used"
                                                                   if failures else ""))

@@ -1,10 +1,13 @@
 """From a job's artefacts to DICOM files in the spool outbox, ready for C-STORE.
 
 ``build_results`` reads ``result.json`` and the arrays the inference worker
-left (``node.artefacts``) and returns, per source image, the overlay SC, the
-side-by-side SC (when a healthy image exists), the cine SC (when a cine
-exists) and the SR, in the order they should be sent (pictures before the
-report that references them). ``write_outbox`` writes them atomically and
+left (``node.artefacts``) and returns, per source image, the overlay SC, then,
+when the overlay shows a rationale (a positive prediction on an image like the
+training data), the side-by-side SC (original | the source minus the rationale)
+and the cine SC (when a cine exists), and last the SR: pictures before the
+report that references them. A negative gets its grey overlay, which says why
+there is no rationale, and the SR: no picture of disease removed from an image
+the model does not call diseased. ``write_outbox`` writes them atomically and
 durably, then a manifest last: its presence means the outbox is complete.
 UIDs are deterministic (``uids``), so building twice gives the same objects.
 """
@@ -116,19 +119,17 @@ def build_for_image(result: JobResult, index: int, results_root: Path) -> list[D
         raise ResultBuildError(
             f"job {result.job_id} image {image.key} has no rationale.npy: nothing to overlay"
         )
-    pictures = [overlay_sc(source, overlay.render_overlay(base, rationale.astype(np.float32), caption),
+    rationale = rationale.astype(np.float32)
+    pictures = [overlay_sc(source, overlay.render_overlay(base, rationale, caption),
                            identity(ObjectKind.OVERLAY, SeriesKind.RATIONALE, 2 * number - 1), equipment)]  # fmt: skip
-    healthy = _optional_array(results_root, result.job_id, image.key, "healthy")
-    if healthy is not None:
-        pixels = overlay.render_side_by_side(base, healthy.astype(np.float32), caption)
+    if caption.shows_rationale:
+        pixels = overlay.render_side_by_side(base, overlay.healthy_image(base, rationale), caption)
         pictures.append(side_by_side_sc(source, pixels, identity(ObjectKind.SIDE_BY_SIDE, SeriesKind.RATIONALE,
                                                                   2 * number), equipment))  # fmt: skip
-    cine = _optional_array(results_root, result.job_id, image.key, "cine")
-    if cine is not None:
-        frames = overlay.render_cine(cine.astype(np.float32), caption)
-        pictures.append(
-            cine_sc(source, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment)
-        )
+        cine = _optional_array(results_root, result.job_id, image.key, "cine")
+        if cine is not None:
+            frames = overlay.render_cine(cine.astype(np.float32), caption)
+            pictures.append(cine_sc(source, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment))
     report = build_report(ReportInputs(source, image, model, tuple(pictures)),
                           identity(ObjectKind.REPORT, SeriesKind.REPORT, number))  # fmt: skip
     return [*pictures, report]

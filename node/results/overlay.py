@@ -1,10 +1,22 @@
 """Pixels a radiologist looks at: the rationale overlay, original | healthy, and the cine frames.
 
 Everything here is numpy and Pillow on 8-bit images; the DICOM wrapping lives
-in ``secondary_capture``. Text is burned in with Pillow's scalable default
-font (Pillow >= 10.1), so no font package is needed. Each picture keeps the
+in ``secondary_capture`` and the text layout in ``text``. Each picture keeps the
 radiograph at its own pixel grid and puts the captions and the colour bar in
 margins beside it, so no text hides anatomy.
+
+What is shown, and why it is shown this way:
+
+- colour uses one scale for every patient (the bundle's, ``ModelInfo.colour_scale``),
+  printed on the colour bar: a per-image scale would stretch a faint map of a
+  near-threshold image to the same alarming colour as a certain positive;
+- a negative prediction, or an image unlike the training data, gets no colour
+  and says why ("no rationale: ..."): a map of what the model would remove from
+  an image it does not call diseased is not a finding;
+- the healthy image is the patient's own radiograph minus the rationale
+  (``healthy_image``), at the source's resolution, not a blurry decoding;
+- every burned-in word names what is shown: the cine's frames are the model's
+  decodings, and its first frame says it is not the original.
 """
 
 from __future__ import annotations
@@ -12,14 +24,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
-from node.artefacts import ImageResult, ModelInfo
+from node.artefacts import DEFAULT_RATIONALE_SCALE, ImageResult, ModelInfo
+from node.results import text
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
-MIN_RATIONALE_SCALE = 0.05  # a rationale weaker than 5 % grey is drawn faint, not stretched to full colour
+NO_RATIONALE_NEGATIVE = "no rationale: prediction below threshold"
+NO_RATIONALE_OOD = "no rationale: image unlike the training data"
+ORIGINAL_TITLE = "original"
+HEALTHY_TITLE = "healthy counterfactual: disease removed by the model"
+CINE_FIRST = "model decoding (not the original)"
+CINE_MIDDLE = "model decoding, removing disease"
+CINE_LAST = "model decoding, disease removed"
 OVERLAY_OPACITY = 0.55
 OVERLAY_FLOOR = 0.15  # fraction of the scale under which nothing is tinted
 CINE_MIN_SIZE = 512
@@ -29,7 +48,11 @@ _TEXT_COLOUR = (255, 255, 255)
 
 @dataclass(frozen=True)
 class Caption:
-    """What is burned into every result picture, in reading order."""
+    """What is burned into every result picture, in reading order.
+
+    ``rationale_scale`` is the fixed colour scale (display units) the overlay
+    draws at full colour; ``shows_rationale`` says whether any colour is drawn.
+    """
 
     finding: str
     probability: float
@@ -39,6 +62,7 @@ class Caption:
     probability_healthy: float | None = None
     ood_flag: bool = False
     estimated_bnp: float | None = None
+    rationale_scale: float = DEFAULT_RATIONALE_SCALE
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.probability <= 1.0:
@@ -47,6 +71,8 @@ class Caption:
             raise ValueError(f"threshold {self.threshold} must lie in (0, 1)")
         if not self.model_name or not self.model_version:
             raise ValueError("a caption needs the model name and version")
+        if not 0.0 < self.rationale_scale <= 1.0:
+            raise ValueError(f"rationale scale {self.rationale_scale} must lie in (0, 1] (display units)")
 
     @classmethod
     def for_image(cls, model: ModelInfo, image: ImageResult) -> Caption:
@@ -59,25 +85,48 @@ class Caption:
             probability_healthy=image.probability_healthy,
             ood_flag=image.ood_flag,
             estimated_bnp=image.estimated_bnp,
+            rationale_scale=model.colour_scale,
         )
 
+    @property
+    def positive(self) -> bool:
+        return self.probability >= self.threshold
+
+    @property
+    def no_rationale_reason(self) -> str | None:
+        """Why no colour is drawn (burned in as is), or None when the rationale is shown."""
+        if self.ood_flag:
+            return NO_RATIONALE_OOD
+        if not self.positive:
+            return NO_RATIONALE_NEGATIVE
+        return None
+
+    @property
+    def shows_rationale(self) -> bool:
+        return self.no_rationale_reason is None
+
     def groups(self) -> list[list[str]]:
-        """Phrases by line group: the disclaimer, the result, the method, and any warning.
+        """Phrases by line group: the disclaimer, the result, the rationale, the model, any warning.
 
         A group starts a new line; its phrases share lines as far as the width allows.
         """
         result = [f"AI: {self.finding}", f"p = {self.probability:.2f} (threshold {self.threshold:.2f})"]
         if self.estimated_bnp is not None:
             result.append(f"est. BNP {self.estimated_bnp:.0f} ng/L")
-        method = ["Rationale: GVR, original - healthy reconstruction"]
-        if self.probability_healthy is not None:
-            method.append(f"(p healthy = {self.probability_healthy:.2f})")
-        method.append(f"Model {self.model_name} {self.model_version}")
-        groups = [[DISCLAIMER], result, method]
+        reason = self.no_rationale_reason
+        if reason is None:
+            rationale = [
+                "Colour: what the model removed to call the image healthy (GVR)",
+                f"full colour at +/-{self.rationale_scale:.2f} intensity (0-1 grey range),",
+                "the same scale for every patient",
+            ]
+            if self.probability_healthy is not None:
+                rationale.append(f"model probability after removal: {self.probability_healthy:.2f}")
+        else:
+            rationale = [reason]
+        groups = [[DISCLAIMER], result, rationale, [f"Model {self.model_name} {self.model_version}"]]
         if self.ood_flag:
-            groups.append(
-                ["WARNING: image unlike the training data", "(out of distribution): result unreliable"]
-            )
+            groups.append(["WARNING: image unlike the training data", "(out of distribution): result unreliable"])
         return groups
 
     def lines(self) -> list[str]:
@@ -86,19 +135,16 @@ class Caption:
 
     def layout(self, width: int, size: int) -> list[str]:
         """The caption's lines for a band ``width`` pixels wide: phrases wrap instead of being cut off."""
-        font = _font(size)
-        lines: list[str] = []
-        for group in self.groups():
-            line = ""
-            for phrase in group:
-                candidate = f"{line}   {phrase}" if line else phrase
-                if line and font.getlength(candidate) > width:
-                    lines.append(line)
-                    line = phrase
-                else:
-                    line = candidate
-            lines.append(line)
-        return lines
+        return [line for line, _ in self.marked_layout(width, size)]
+
+    def marked_layout(self, width: int, size: int) -> list[tuple[str, bool]]:
+        """``layout`` with a flag per line: True for the disclaimer and warning lines (drawn in amber)."""
+        groups = self.groups()
+        marked: list[tuple[str, bool]] = []
+        for number, group in enumerate(groups):
+            warning = number == 0 or (self.ood_flag and number == len(groups) - 1)
+            marked.extend((line, warning) for line in text.layout([group], width, size))
+        return marked
 
 
 def display_image(ds: Dataset) -> np.ndarray:
@@ -121,12 +167,18 @@ def display_image(ds: Dataset) -> np.ndarray:
     return scaled.astype(np.float32)
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+def healthy_image(base: np.ndarray, rationale: np.ndarray) -> np.ndarray:
+    """The patient's own radiograph with the disease removed: ``clip(base - rationale, 0, 1)``.
 
-
-def _font_size(width: int) -> int:
-    return max(12, width // 48)
+    ``base`` is the source as displayed (``display_image``) and ``rationale`` the
+    signed map upsampled onto the same grid, both in display units; where the
+    rationale is 0 the healthy image *is* the original, pixel for pixel. This is
+    ``x + upsample(G(z*) - G(z0))`` at the source's resolution: only what the
+    model removed is blurred by the upsampling, never the rest of the chest.
+    """
+    _check_grid("rationale", rationale, base.shape)
+    healthy: np.ndarray = np.clip(base - rationale, 0.0, 1.0).astype(np.float32)
+    return healthy
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -139,11 +191,6 @@ def _check_grid(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {array.shape}, expected the source grid {shape}")
 
 
-def rationale_scale(rationale: np.ndarray) -> float:
-    """The |rationale| drawn at full colour: its 99.5th percentile, at least MIN_RATIONALE_SCALE."""
-    return max(float(np.percentile(np.abs(rationale), 99.5)), MIN_RATIONALE_SCALE)
-
-
 def diverging_colours(t: np.ndarray) -> np.ndarray:
     """RGB in [0, 1] for t in [-1, 1]: red to yellow where denser with disease, blue to cyan where lighter."""
     t = np.clip(t, -1.0, 1.0)
@@ -154,118 +201,131 @@ def diverging_colours(t: np.ndarray) -> np.ndarray:
     return np.stack([red, green, blue], axis=-1)
 
 
+def overlay_alpha(rationale: np.ndarray, scale: float) -> np.ndarray:
+    """Per-pixel opacity of the tint: 0 under OVERLAY_FLOOR of ``scale``, OVERLAY_OPACITY at ``scale`` and above."""
+    strength = np.clip((np.abs(rationale / scale) - OVERLAY_FLOOR) / (1.0 - OVERLAY_FLOOR), 0.0, 1.0)
+    alpha: np.ndarray = OVERLAY_OPACITY * strength
+    return alpha
+
+
 def _blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
-    t = rationale / scale
-    strength = np.clip((np.abs(t) - OVERLAY_FLOOR) / (1.0 - OVERLAY_FLOOR), 0.0, 1.0)
-    alpha = (OVERLAY_OPACITY * strength)[..., None]
+    alpha = overlay_alpha(rationale, scale)[..., None]
     grey = np.repeat(base[..., None], 3, axis=-1)
-    blended: np.ndarray = (1.0 - alpha) * grey + alpha * diverging_colours(t)
+    blended: np.ndarray = (1.0 - alpha) * grey + alpha * diverging_colours(rationale / scale)
     return blended
 
 
-def _draw_lines(draw: ImageDraw.ImageDraw, origin: tuple[int, int], lines: list[str], size: int) -> None:
-    x, y = origin
-    for number, line in enumerate(lines):
-        warning = number == 0 or line.startswith(("WARNING", "(out of distribution)"))
-        draw.text((x, y), line, fill=_WARNING_COLOUR if warning else _TEXT_COLOUR, font=_font(size))
-        y += int(size * 1.35)
+def _colour_bar(height: int, width: int, caption: Caption, size: int) -> Image.Image:
+    """The scale beside the overlay: +scale (denser than healthy) at the top, -scale (lighter) below.
 
-
-def _band_height(lines: int, size: int) -> int:
-    return int(size * 1.35) * lines + size
-
-
-def _colour_bar(height: int, width: int, scale: float, size: int) -> Image.Image:
-    """A vertical bar, +scale (denser with disease) at the top, -scale (lighter) at the bottom."""
+    Without a rationale the panel holds no colour, only the reason in words.
+    """
     panel = Image.new("RGB", (width, height), (0, 0, 0))
-    margin = size * 2
-    bar_height = max(height - 2 * margin, 16)
-    ramp = np.linspace(1.0, -1.0, bar_height)
-    colours = _to_uint8(diverging_colours(ramp))
-    bar = np.repeat(colours[:, None, :], max(width // 4, 6), axis=1)
-    panel.paste(Image.fromarray(bar, "RGB"), (size // 2, margin))
     draw = ImageDraw.Draw(panel)
-    label_x = size // 2 + bar.shape[1] + 4
-    font = _font(max(size * 3 // 4, 10))
-    draw.text((size // 2, size // 3), "denser", fill=_TEXT_COLOUR, font=font)
-    draw.text((label_x, margin), f"+{scale:.2f}", fill=_TEXT_COLOUR, font=font)
-    draw.text((label_x, margin + bar_height // 2 - size // 2), "0", fill=_TEXT_COLOUR, font=font)
-    draw.text((label_x, margin + bar_height - size), f"-{scale:.2f}", fill=_TEXT_COLOUR, font=font)
-    draw.text((size // 2, height - margin + size // 3), "lighter", fill=_TEXT_COLOUR, font=font)
+    small = max(size * 3 // 4, 10)
+    inner = width - size
+    reason = caption.no_rationale_reason
+    if reason is not None:
+        lines = text.layout([[reason]], inner, small)
+        text.draw_lines(draw, (size // 2, height // 3), lines, small, _TEXT_COLOUR)
+        return panel
+    scale = caption.rationale_scale
+    top = text.layout([[f"+{scale:.2f}", "denser than healthy"]], inner, small)
+    bottom = text.layout([[f"-{scale:.2f}", "lighter than healthy"]], inner, small)
+    bar_top = size // 3 + text.line_height(small) * len(top) + size // 3
+    bar_height = max(height - bar_top - text.line_height(small) * len(bottom) - size // 2, 16)
+    colours = _to_uint8(diverging_colours(np.linspace(1.0, -1.0, bar_height)))
+    bar = np.repeat(colours[:, None, :], max(width // 4, 6), axis=1)
+    panel.paste(Image.fromarray(bar, "RGB"), (size // 2, bar_top))
+    text.draw_lines(draw, (size // 2, size // 3), top, small, _TEXT_COLOUR)
+    face = text.font(small)
+    draw.text((size // 2 + bar.shape[1] + 4, bar_top + bar_height // 2 - small // 2), "0", fill=_TEXT_COLOUR,
+              font=face)
+    text.draw_lines(draw, (size // 2, bar_top + bar_height + size // 6), bottom, small, _TEXT_COLOUR)
     return panel
+
+
+def _caption_band(canvas: Image.Image, top: int, marked: list[tuple[str, bool]], size: int) -> None:
+    lines = [line for line, _ in marked]
+    flags = [flag for _, flag in marked]
+    fill: int | tuple[int, int, int] = _TEXT_COLOUR if canvas.mode == "RGB" else 255
+    warning: int | tuple[int, int, int] = _WARNING_COLOUR if canvas.mode == "RGB" else 255
+    text.draw_lines(ImageDraw.Draw(canvas), (size // 2, top + size // 2), lines, size, fill, flags, warning)
 
 
 def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) -> np.ndarray:
     """The radiograph with the rationale tinted over it, a colour bar and the caption: RGB uint8.
 
     ``base`` is the display image (``display_image``), ``rationale`` the signed
-    map at the same grid. The radiograph keeps its size; the bar sits to its
-    right, the caption below.
+    map at the same grid (display units). The radiograph keeps its size; the bar
+    sits to its right, the caption below. Colour uses ``caption.rationale_scale``
+    for every patient; without a rationale (negative, out of distribution) the
+    radiograph stays grey and the bar says why.
     """
     _check_grid("rationale", rationale, base.shape)
     rows, columns = base.shape
-    size = _font_size(columns)
+    size = text.font_size(columns)
     bar_width = max(size * 6, columns // 9)
-    lines = caption.layout(columns + bar_width - size, size)
-    canvas = Image.new("RGB", (columns + bar_width, rows + _band_height(len(lines), size)), (0, 0, 0))
-    scale = rationale_scale(rationale)
-    canvas.paste(Image.fromarray(_to_uint8(_blend(base, rationale, scale)), "RGB"), (0, 0))
-    canvas.paste(_colour_bar(rows, bar_width, scale, size), (columns, 0))
-    _draw_lines(ImageDraw.Draw(canvas), (size // 2, rows + size // 2), lines, size)
+    marked = caption.marked_layout(columns + bar_width - size, size)
+    canvas = Image.new("RGB", (columns + bar_width, rows + text.band_height(len(marked), size)), (0, 0, 0))
+    if caption.shows_rationale:
+        picture = _blend(base, rationale, caption.rationale_scale)
+    else:
+        picture = np.repeat(base[..., None], 3, axis=-1)
+    canvas.paste(Image.fromarray(_to_uint8(picture), "RGB"), (0, 0))
+    canvas.paste(_colour_bar(rows, bar_width, caption, size), (columns, 0))
+    _caption_band(canvas, rows, marked, size)
     return np.asarray(canvas, dtype=np.uint8)
 
 
 def render_side_by_side(base: np.ndarray, healthy: np.ndarray, caption: Caption) -> np.ndarray:
-    """Original | healthy reconstruction, titled, with the caption below: greyscale uint8."""
+    """Original | healthy counterfactual (``healthy_image``), titled, with the caption below: greyscale uint8."""
     _check_grid("healthy image", healthy, base.shape)
     rows, columns = base.shape
-    size = _font_size(columns)
+    size = text.font_size(columns)
     gap = max(size // 2, 4)
-    title = int(size * 1.8)
-    lines = caption.layout(2 * columns + gap - size, size)
-    canvas = Image.new("L", (2 * columns + gap, title + rows + _band_height(len(lines), size)), 0)
-    canvas.paste(Image.fromarray(_to_uint8(base), "L"), (0, title))
-    canvas.paste(Image.fromarray(_to_uint8(healthy), "L"), (columns + gap, title))
+    titles = [text.layout([[title]], columns - size, size) for title in (ORIGINAL_TITLE, HEALTHY_TITLE)]
+    title_height = text.band_height(max(len(lines) for lines in titles), size) - size // 2
+    marked = caption.marked_layout(2 * columns + gap - size, size)
+    canvas = Image.new("L", (2 * columns + gap, title_height + rows + text.band_height(len(marked), size)), 0)
+    canvas.paste(Image.fromarray(_to_uint8(base), "L"), (0, title_height))
+    canvas.paste(Image.fromarray(_to_uint8(healthy), "L"), (columns + gap, title_height))
     draw = ImageDraw.Draw(canvas)
-    draw.text((size // 2, size // 3), "ORIGINAL", fill=255, font=_font(size))
-    draw.text(
-        (columns + gap + size // 2, size // 3), "HEALTHY (GVR counterfactual)", fill=255, font=_font(size)
-    )
-    y = title + rows + size // 2
-    for line in lines:
-        draw.text((size // 2, y), line, fill=255, font=_font(size))
-        y += int(size * 1.35)
+    for left, lines in zip((0, columns + gap), titles, strict=True):
+        text.draw_lines(draw, (left + size // 2, size // 3), lines, size, 255)
+    _caption_band(canvas, title_height + rows, marked, size)
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def render_cine(cine: np.ndarray, caption: Caption, min_size: int = CINE_MIN_SIZE) -> np.ndarray:
-    """Frames from the original decoding to the healthy one, enlarged and labelled: uint8 [F, R', C].
+def cine_label(index: int, frames: int) -> str:
+    """What frame ``index`` (0-based) of ``frames`` shows: always a model decoding, never the original."""
+    return CINE_FIRST if index == 0 else CINE_LAST if index == frames - 1 else CINE_MIDDLE
 
-    Each frame is scaled up to at least ``min_size`` pixels (bicubic) so a
-    viewer shows it at a readable size, with the disclaimer and the frame
-    position in a band below it.
+
+def render_cine(cine: np.ndarray, caption: Caption, min_size: int = CINE_MIN_SIZE) -> np.ndarray:
+    """Frames from the model's decoding of the image to its healthy decoding, enlarged and labelled.
+
+    Returns uint8 [F, R', C]. Each frame is scaled up to at least ``min_size``
+    pixels (bicubic) so a viewer shows it at a readable size, with the
+    disclaimer, what the frame is and the model in a band below it.
     """
     if cine.ndim != 3 or cine.shape[0] < 2:
         raise ValueError(f"cine must be [frames >= 2, rows, columns], got shape {cine.shape}")
     frames, rows, columns = cine.shape
     factor = max(1.0, min_size / max(rows, columns))
     width, height = round(columns * factor), round(rows * factor)
-    size = _font_size(width) if width >= 600 else 14
-    band = _band_height(2, size)
+    size = text.font_size(width) if width >= 600 else 14
+    labels = [
+        text.layout([[DISCLAIMER], [f"frame {index + 1}/{frames}: {cine_label(index, frames)}"],
+                     [f"Model {caption.model_name} {caption.model_version}"]], width - size, size)
+        for index in range(frames)
+    ]  # fmt: skip
+    band = text.band_height(max(len(lines) for lines in labels), size)
     out = np.zeros((frames, height + band, width), dtype=np.uint8)
     for index in range(frames):
         frame = Image.fromarray(_to_uint8(cine[index]), "L").resize((width, height), Image.Resampling.BICUBIC)
         canvas = Image.new("L", (width, height + band), 0)
         canvas.paste(frame, (0, 0))
-        label = "original" if index == 0 else "healthy" if index == frames - 1 else "towards healthy"
-        text = [
-            DISCLAIMER,
-            f"frame {index + 1}/{frames}: {label}  ({caption.model_name} {caption.model_version})",
-        ]
-        draw = ImageDraw.Draw(canvas)
-        for number, line in enumerate(text):
-            draw.text(
-                (size // 2, height + size // 2 + number * int(size * 1.35)), line, fill=255, font=_font(size)
-            )
+        text.draw_lines(ImageDraw.Draw(canvas), (size // 2, height + size // 2), labels[index], size, 255)
         out[index] = np.asarray(canvas, dtype=np.uint8)
     return out

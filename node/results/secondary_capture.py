@@ -196,11 +196,11 @@ def overlay_sc(
 def side_by_side_sc(
     source: Dataset, pixels: np.ndarray, identity: ResultIdentity, equipment: AlgorithmEquipment
 ) -> Dataset:
-    """Original | healthy reconstruction, with the caption (greyscale, uncompressed)."""
+    """Original | the source minus the rationale (the healthy counterfactual), with the caption (greyscale)."""
     if pixels.ndim != 2:
         raise ValueError(f"the side-by-side SC is greyscale [rows, columns], got shape {pixels.shape}")
     return _sc_image(source, pixels, identity, equipment,
-                     "source image beside the model's healthy counterfactual reconstruction")  # fmt: skip
+                     "source image beside the source minus the model's rationale (healthy counterfactual)")  # fmt: skip
 
 
 def cine_sc(
@@ -218,7 +218,7 @@ def cine_sc(
     if frame_time_ms <= 0:
         raise ValueError(f"frame time {frame_time_ms} ms must be positive")
     ds = _sc_image(source, frames[0], identity, equipment,
-                   "latent path from the model's reconstruction of the source to its healthy counterfactual")  # fmt: skip
+                   "model decodings along the latent path from the source's decoding to its healthy counterfactual")  # fmt: skip
     # SOP Common module: the multi-frame class
     ds.SOPClassUID = MULTIFRAME_GREYSCALE_BYTE_SC
     ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_GREYSCALE_BYTE_SC

@@ -82,8 +82,9 @@ def test_run_analysis_writes_artefacts_and_marks_inferred(settings: Settings, co
         assert job.result is not None and len(job.result["images"]) == 2
     result = read_job_result(context.spool.results, job_id)
     assert len(result.images) == 2 and result.model.version == context.bundle.manifest.version
+    assert result.model.rationale_scale == context.bundle.manifest.rationale_scale  # the bundle's colour scale
     for image in result.images:
-        for name in ("rationale", "healthy", "reconstruction"):
+        for name in ("rationale", "reconstruction"):
             assert load_array(context.spool.results, job_id, image.key, name).shape == (96, 96)
         r = context.bundle.manifest.resolution
         assert load_array(context.spool.results, job_id, image.key, "cine").shape[1:] == (r, r)

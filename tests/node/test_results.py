@@ -20,10 +20,24 @@ from PIL import Image
 from pydicom import Dataset, config
 from pydicom.uid import UID
 
-from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
+from node.artefacts import (
+    DEFAULT_RATIONALE_SCALE,
+    ImageResult,
+    JobResult,
+    ModelInfo,
+    read_job_result,
+    write_job_result,
+)
 from node.results import uids
 from node.results.build import ResultBuildError, build_results, encode, prepare_outbox, read_outbox
-from node.results.overlay import Caption, display_image, render_overlay
+from node.results.overlay import (
+    NO_RATIONALE_NEGATIVE,
+    Caption,
+    cine_label,
+    display_image,
+    healthy_image,
+    render_overlay,
+)
 from node.selection import RESULT_MANUFACTURER, RESULT_SERIES_PREFIX, SelectionRule
 from node.spool import Spool
 from tests.peers import require_tool
@@ -50,7 +64,7 @@ def blob_mask(size: int) -> np.ndarray:
 
 def make_fake_job(
     root: Path, job_id: str = "job-0001", seed: int = 5, size: int = 256, arrays: tuple[str, ...] = (
-        "rationale", "healthy", "cine"), probability: float = 0.83, bnp: float | None = 420.0,
+        "rationale", "cine"), probability: float = 0.83, bnp: float | None = 420.0, model: ModelInfo = MODEL,
 ) -> FakeJob:  # fmt: skip
     """A spool holding a phantom source and a complete job result with synthetic arrays."""
     spool = Spool(root / "spool")
@@ -59,20 +73,19 @@ def make_fake_job(
     source.save_as(source_path, enforce_file_format=True)
     rng = np.random.default_rng(seed)
     rationale = np.where(blob_mask(size), 0.3, 0.0).astype(np.float32)
-    rationale += rng.normal(0.0, 0.005, rationale.shape).astype(np.float32)
+    rationale += rng.normal(0.0, 0.002, rationale.shape).astype(np.float32)  # under the tint floor
     base = display_image(source)
     available = {
         "rationale": rationale,
-        "healthy": np.clip(base - np.maximum(rationale, 0), 0, 1).astype(np.float32),
         "reconstruction": base,
         "cine": np.stack([base[::4, ::4] * (1 - k / 10) for k in range(6)]).astype(np.float32),
     }
     image = ImageResult(
         key=str(source.SOPInstanceUID), source_sop_instance_uid=str(source.SOPInstanceUID),
         source_path=str(source_path), probability=probability, probability_healthy=0.08,
-        positive=probability >= MODEL.threshold, steps=120, ood_score=0.03, ood_flag=False, estimated_bnp=bnp,
+        positive=probability >= model.threshold, steps=120, ood_score=0.03, ood_flag=False, estimated_bnp=bnp,
     )  # fmt: skip
-    result = JobResult(job_id=job_id, model=MODEL, device="cpu", images=(image,), seconds=1.5)
+    result = JobResult(job_id=job_id, model=model, device="cpu", images=(image,), seconds=1.5)
     write_job_result(spool.results, result, {image.key: {name: available[name] for name in arrays}})
     return FakeJob(spool, job_id, source, source_path, result)
 
@@ -179,11 +192,23 @@ def test_overlay_coloured_where_rationale_strong(fake_job: FakeJob, tmp_path: Pa
 
 
 def test_caption_lines_carry_disclaimer_and_numbers() -> None:
-    """The burned-in caption says NOT FOR DIAGNOSTIC USE, the finding, p, threshold and the model."""
-    image = ImageResult("k", "1.2.3", "/x.dcm", 0.83, 0.1, True, 10, 0.02, True, None)
+    """The burned-in caption says NOT FOR DIAGNOSTIC USE, the finding, p, threshold, the scale and the model."""
+    image = ImageResult("k", "1.2.3", "/x.dcm", 0.83, 0.1, True, 10, 0.02, False, None)
     text = "\n".join(Caption.for_image(MODEL, image).lines())
     for expected in ("NOT FOR DIAGNOSTIC USE", "heart failure likely", "p = 0.83", "threshold 0.50",
-                     "gvr-test 0.0.1", "out of distribution"):  # fmt: skip
+                     "gvr-test 0.0.1", "model probability after removal: 0.10", "+/-0.10",
+                     "same scale for every patient"):  # fmt: skip
+        assert expected in text
+    assert "p healthy" not in text and "healthy =" not in text  # never reads as a probability of health
+
+
+def test_caption_out_of_distribution_gives_no_finding_and_no_rationale() -> None:
+    """An image unlike the training data: no finding, no rationale, and the warning."""
+    image = ImageResult("k", "1.2.3", "/x.dcm", 0.83, 0.1, True, 10, 0.02, True, None)
+    caption = Caption.for_image(MODEL, image)
+    text = "\n".join(caption.lines())
+    assert not caption.shows_rationale and "heart failure likely" not in text
+    for expected in ("no finding", "no rationale: image unlike the training data", "out of distribution"):
         assert expected in text
 
 
@@ -216,15 +241,15 @@ def test_sr_unlikely_without_bnp(tmp_path: Path) -> None:
 
 
 def test_build_results_without_optional_arrays(tmp_path: Path) -> None:
-    """Without healthy and cine arrays: the overlay SC and the SR only."""
+    """Without a cine array: the overlay, the side-by-side (made from the source and the rationale), the SR."""
     job = make_fake_job(tmp_path, arrays=("rationale",))
     kinds = [str(ds.SOPClassUID) for ds in build_results(job.spool.results, job.job_id)]
-    assert kinds == ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"]
+    assert kinds == ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"]
 
 
 def test_build_results_without_rationale_raises(tmp_path: Path) -> None:
     """No rationale array: a ResultBuildError naming the job and the missing file."""
-    job = make_fake_job(tmp_path, arrays=("healthy",))
+    job = make_fake_job(tmp_path, arrays=("cine",))
     with pytest.raises(ResultBuildError, match="job-0001.*rationale.npy"):
         build_results(job.spool.results, job.job_id)
 
@@ -282,7 +307,7 @@ def test_display_image_monochrome1_matches_monochrome2() -> None:
 
 def test_build_results_two_images_one_series_each_kind(tmp_path: Path) -> None:
     """Two images of one study: 8 objects, distinct UIDs, one series per kind, numbered in order."""
-    job = make_fake_job(tmp_path, arrays=("rationale", "healthy"))
+    job = make_fake_job(tmp_path, arrays=("rationale",))
     second = job.source.copy()
     second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = UID("1.2.826.0.1.3680043.8.498.77")
     second_path = tmp_path / "second.dcm"
@@ -312,3 +337,92 @@ def test_write_previews_pngs_of_each_picture(fake_job: FakeJob, tmp_path: Path) 
     assert sorted(p.name.split("-", 1)[1] for p in paths) == [
         "cine-sc-first.png", "cine-sc-last.png", "overlay-sc.png", "side-by-side-sc.png"]  # fmt: skip
     assert Image.open(paths[0]).mode == "RGB"
+
+
+def test_negative_gets_grey_overlay_and_no_rationale_pictures(tmp_path: Path) -> None:
+    """Below threshold: the overlay is the grey radiograph (no colour, no colour bar), then the SR only."""
+    job = make_fake_job(tmp_path, probability=0.2)
+    datasets = build_results(job.spool.results, job.job_id)
+    assert [str(ds.SOPClassUID) for ds in datasets] == ["1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.88.34"]
+    pixels = datasets[0].pixel_array.astype(int)
+    size = int(job.source.Rows)
+    picture_and_bar = pixels[:size]
+    assert np.abs(picture_and_bar[..., 0] - picture_and_bar[..., 2]).max() == 0  # no colour anywhere
+    assert np.abs(picture_and_bar[..., 1] - picture_and_bar[..., 2]).max() == 0
+    grey = np.rint(np.clip(display_image(job.source), 0, 1) * 255).astype(int)
+    np.testing.assert_array_equal(pixels[:size, :size, 0], grey)  # the radiograph untouched
+    caption = Caption.for_image(MODEL, job.result.images[0])
+    assert NO_RATIONALE_NEGATIVE in caption.lines() and not caption.shows_rationale
+
+
+def test_colour_scale_is_the_bundles_for_every_image(tmp_path: Path) -> None:
+    """The overlay's scale comes from ModelInfo (the bundle), not from the image: a wider scale tints less."""
+    default = make_fake_job(tmp_path / "default")
+    wide = make_fake_job(tmp_path / "wide", model=ModelInfo("gvr-test", "0.0.1", 0.5, rationale_scale=0.6))
+    assert read_job_result(wide.spool.results, wide.job_id).model.rationale_scale == 0.6
+    size = int(default.source.Rows)
+    tints = []
+    for job in (default, wide):
+        pixels = build_results(job.spool.results, job.job_id)[0].pixel_array.astype(int)
+        inside = pixels[:size, :size][blob_mask(size)]
+        tints.append(float(np.mean(inside[:, 0] - inside[:, 2])))
+    assert tints[0] > tints[1] + 30  # 0.3 saturates a 0.10 scale, is half of a 0.6 one
+    base = display_image(default.source)
+    caption = Caption("heart failure likely", 0.9, 0.5, "m", "1", rationale_scale=0.2)
+    strong = np.where(blob_mask(size), 0.2, 0.0).astype(np.float32)
+    weak = render_overlay(base, strong / 4, caption)[:size, :size][blob_mask(size)].astype(int)
+    full = render_overlay(base, strong, caption)[:size, :size][blob_mask(size)].astype(int)
+    assert np.mean(full[:, 0] - full[:, 2]) > np.mean(weak[:, 0] - weak[:, 2]) + 30  # no per-image stretch
+
+
+def test_model_info_without_scale_falls_back_to_the_documented_constant() -> None:
+    """An older bundle with no fixed scale: DEFAULT_RATIONALE_SCALE, and a bad scale is refused."""
+    assert MODEL.rationale_scale is None and MODEL.colour_scale == DEFAULT_RATIONALE_SCALE == 0.10
+    assert Caption.for_image(MODEL, make_image_result()).rationale_scale == DEFAULT_RATIONALE_SCALE
+    with pytest.raises(ValueError, match="rationale scale"):
+        ModelInfo("m", "1", 0.5, rationale_scale=0.0)
+
+
+def make_image_result(probability: float = 0.83) -> ImageResult:
+    return ImageResult("k", "1.2.3", "/x.dcm", probability, 0.1, probability >= 0.5, 10, 0.02, False, None)
+
+
+def test_healthy_image_equals_source_outside_the_upsampled_rationale(tmp_path: Path) -> None:
+    """Healthy = source - upsample(rationale): the source pixel for pixel wherever the upsampled map is 0."""
+    from inference.preprocess import dicom_to_model_image
+
+    job = make_fake_job(tmp_path, size=200)
+    base = display_image(job.source)
+    _, geometry = dicom_to_model_image(job.source, 64)
+    model_map = np.zeros((64, 64), np.float32)
+    model_map[30:40, 26:38] = 0.4  # model space: G(z0) - G(z*)
+    rationale = geometry.to_original(model_map / 2.0)
+    healthy = healthy_image(base, rationale)
+    outside = rationale == 0
+    assert 0.2 < outside.mean() < 0.99
+    np.testing.assert_array_equal(healthy[outside], base[outside])
+    np.testing.assert_allclose(healthy[~outside], np.clip(base - rationale, 0, 1)[~outside], atol=1e-7)
+    assert healthy.shape == base.shape and healthy.dtype == np.float32
+
+
+def test_side_by_side_shows_source_and_source_minus_rationale(fake_job: FakeJob) -> None:
+    """The side-by-side's right panel is the source minus the rationale at the source's resolution."""
+    from node.artefacts import load_array
+
+    sc = build_results(fake_job.spool.results, fake_job.job_id)[1]
+    base = display_image(fake_job.source)
+    rationale = load_array(fake_job.spool.results, fake_job.job_id, fake_job.result.images[0].key, "rationale")
+    rows, columns = base.shape
+    pixels = sc.pixel_array
+    original = np.rint(base * 255).astype(np.uint8)
+    top = next(y for y in range(pixels.shape[0] - rows + 1) if np.array_equal(pixels[y:y + rows, :columns], original))
+    right = pixels[top:top + rows, pixels.shape[1] - columns:]
+    np.testing.assert_array_equal(right, np.rint(np.clip(base - rationale, 0, 1) * 255).astype(np.uint8))
+    assert not np.array_equal(right, original)  # the disease was removed somewhere
+
+
+def test_cine_labels_say_model_decoding() -> None:
+    """The cine's frames are decodings: the first says it is not the original."""
+    assert cine_label(0, 6) == "model decoding (not the original)"
+    assert all("model decoding" in cine_label(i, 6) for i in range(6))
+    assert "original" not in cine_label(5, 6)
