@@ -35,9 +35,14 @@ lint: $(STAMP)
 bench-ingest: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.ingest
 
-## Rationale quality vs captum and Latent Shift, the digits experiment, speed (~9 min).
+## Rationale benchmark: GVR vs Latent Shift, captum and image-independent templates on held-out
+## phantoms with twins, the lambda sweep, speed and the digits; tables and figures into docs/rationale.md.
+## `make bench-rationale SEEDS=900000-900199 BUNDLE=path/to/bundle`
+SEEDS ?= 900000-900199
+BUNDLE ?=
 bench-rationale: $(STAMP)
-	$(BIN)/python -m benchmarks.rationale all --threads 1
+	$(BIN)/python -m benchmarks.rationale all --threads 1 --seeds $(SEEDS) $(if $(BUNDLE),--bundle $(BUNDLE)) \
+		--docs docs/rationale.md
 
 ## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
 bench-e2e: $(STAMP) system-deps

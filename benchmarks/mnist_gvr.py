@@ -105,7 +105,7 @@ def deletion_auc(bundle: Bundle, images: torch.Tensor, maps: np.ndarray) -> np.n
         with torch.no_grad():
             scores[:, step] = bundle.classifier.predict_proba(
                 bundle.encoder.encode(current.reshape(n, 1, r, r))).numpy()
-    return np.trapezoid(scores, dx=1.0 / DELETION_STEPS, axis=1)
+    return np.asarray(np.trapezoid(scores, dx=1.0 / DELETION_STEPS, axis=1))
 
 
 def mnist_experiment(out: Path, quick: bool = False) -> dict[str, Any]:

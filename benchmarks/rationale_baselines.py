@@ -57,7 +57,8 @@ def captum_explainers(bundle: Bundle) -> dict[str, Explainer]:
 
     def grad_cam(x: torch.Tensor) -> torch.Tensor:
         coarse = gradcam.attribute(x, target=0, relu_attributions=True)
-        return LayerAttribution.interpolate(coarse, (r, r), interpolate_mode="bilinear")
+        fine: torch.Tensor = LayerAttribution.interpolate(coarse, (r, r), interpolate_mode="bilinear")
+        return fine
 
     return {
         "Saliency": _captum(lambda x: saliency.attribute(x, target=0, abs=True)),

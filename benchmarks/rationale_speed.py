@@ -44,9 +44,9 @@ def _pass(bundle: Bundle, z: torch.Tensor, reference: torch.Tensor) -> None:
 
 def _positives(bundle: Bundle, count: int) -> torch.Tensor:
     """``count`` held-out phantoms the classifier calls positive (rationales of negatives take 0 steps)."""
-    from benchmarks.rationale import held_out_phantoms
+    from benchmarks.rationale_data import TEST_SEEDS, load_phantoms
 
-    images, _ = held_out_phantoms(max(4 * count, 64), bundle.manifest.resolution)
+    images = load_phantoms(TEST_SEEDS[:max(4 * count, 64)], bundle.manifest.resolution).images
     with torch.no_grad():
         p = bundle.classifier.predict_proba(bundle.encoder.encode(images))
     chosen = images[p >= bundle.manifest.decision_threshold]
