@@ -38,9 +38,9 @@ def seeds_of(names: tuple[str, ...]) -> list[int] | None:
 
 def _safe_auc(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     if labels.all() or not labels.any():
-        return {"auc": None, "auc_ci95": None, "n": int(len(labels)), "positives": int(labels.sum())}
+        return {"auc": None, "auc_ci95": None, "n": len(labels), "positives": int(labels.sum())}
     return {"auc": roc_auc(labels, scores), "auc_ci95": list(bootstrap_auc(labels, scores, 1000)),
-            "n": int(len(labels)), "positives": int(labels.sum())}
+            "n": len(labels), "positives": int(labels.sum())}
 
 
 def sign_report(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
@@ -81,7 +81,8 @@ def pooled_pixels(images: np.ndarray, cells: int = 8) -> np.ndarray:
     if r % cells:
         raise ValueError(f"resolution {r} is not a multiple of {cells}")
     block = r // cells
-    return images.reshape(n, cells, block, cells, block).mean(axis=(2, 4)).reshape(n, -1) / 255.0
+    pooled: np.ndarray = images.reshape(n, cells, block, cells, block).mean(axis=(2, 4)).reshape(n, -1) / 255.0
+    return pooled
 
 
 def pixel_baseline_auc(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,

@@ -21,6 +21,7 @@ Every random draw of a step comes from a stream seeded by (seed, step), so
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ def train_autoencoder(images: np.ndarray, cfg: AutoencoderTraining, out: Path, r
     return record
 
 
-def _checkpoint(out: Path, g: Generator, e: Encoder, opts: dict[str, torch.optim.Optimizer],
+def _checkpoint(out: Path, g: Generator, e: Encoder, opts: Mapping[str, torch.optim.Optimizer],
                 cfg: AutoencoderTraining, step: int, data_description: str, log: MetricsLog,
                 images: np.ndarray) -> None:
     g.eval()

@@ -9,6 +9,7 @@ optional ``norm_weight`` pulls ``E(x)`` towards the prior's norm sqrt(d).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -108,7 +109,7 @@ def train_encoder(images: np.ndarray, generator: Generator, cfg: EncoderTraining
     arch = generator.config
     if images.shape[1:] != (arch.resolution,) * 2:
         raise ValueError(f"images are {images.shape[1:]} but the generator makes {arch.resolution} px")
-    arch = ArchitectureConfig(**{**arch.to_dict(), "encoder_channels": cfg.channels})
+    arch = dataclasses.replace(arch, encoder_channels=cfg.channels)
     generator = generator.to(device).eval()
     for p in generator.parameters():
         p.requires_grad_(False)
