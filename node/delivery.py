@@ -22,6 +22,7 @@ Never imports torch.
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -35,6 +36,7 @@ from node.audit.models import Delivery, DeliveryStatus, Job, JobState
 from node.celery_app import TASK_DELIVER, job_id_argument
 from node.config import Peer, Settings, load_settings
 from node.results.build import OutboxEntry, ResultBuildError, outbox_path, prepare_outbox
+from node.results.source_header import SourceRepair
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
 from node.spool import Spool
 
@@ -216,13 +218,15 @@ def deliver_job(
     if not peers:
         raise DeliveryError("no destinations: set GVR_DESTINATIONS (AE@host:port, e.g. the PACS)")
     try:
-        entries = prepare_outbox(ctx.spool, job_id)
+        entries = prepare_outbox(ctx.spool, job_id, lambda repairs: _note_repairs(ctx, job_id, repairs))
     except FileNotFoundError as error:
         raise DeliveryError(
             f"job {job_id} has no complete inference result ({error}): analyse it again"
         ) from error
     except ResultBuildError as error:
         raise DeliveryError(f"job {job_id}: cannot build result objects: {error}") from error
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
+        raise DeliveryError(f"job {job_id}: cannot build result objects: {withheld(error)}") from error
     attempt = _next_attempt(ctx, job_id)
     outcomes = []
     for peer in peers:
@@ -238,6 +242,22 @@ def deliver_job(
     if any(o.transient for o in outcomes if o.error):
         raise DestinationUnavailableError(f"job {job_id} attempt {attempt}: {failures}")
     raise DeliveryError(f"job {job_id} attempt {attempt}: {failures}")
+
+
+def withheld(error: BaseException) -> str:
+    """The error's type and where it was raised, not its message: library messages quote values (PHI)."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno}" if frames else ""
+    return f"{type(error).__name__}{where} (message withheld: it may quote patient data)"
+
+
+def _note_repairs(ctx: DeliveryContext, job_id: str, repairs: Sequence[SourceRepair]) -> None:
+    """One audit event listing the source attributes the results could not copy verbatim (no values)."""
+    summary = ", ".join(f"{r.keyword} {r.action}" for r in repairs)
+    with ctx.audit.session() as session:
+        add_event(session, "result.source_repaired", ("job", job_id), ctx.actor,
+                  f"{len(repairs)} source attribute(s) not copied verbatim: {summary}"[:2000],
+                  {"repairs": [r.as_dict() for r in repairs]})  # fmt: skip
 
 
 def _mark_sent(ctx: DeliveryContext, report: DeliveryReport) -> None:
@@ -301,10 +321,12 @@ class DeliveryTask(Task):  # type: ignore[misc]
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = job_id_argument(args, kwargs)
+        reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, (OSError, DeliveryError)) else withheld(exc)
         try:
-            fail_job(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
+            fail_job(PROCESS.get(), job_id, reason)
         except OperationalError as error:
-            log.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, exc, error)
+            log.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, reason,
+                      type(error).__name__)  # fmt: skip
 
 
 @shared_task(  # type: ignore[untyped-decorator]

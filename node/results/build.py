@@ -18,7 +18,8 @@ import io
 import json
 import logging
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from node.results.secondary_capture import (
     overlay_sc,
     side_by_side_sc,
 )
+from node.results.source_header import SourceRepair, clean_source_header, quiet_pydicom
 from node.results.structured_report import ReportInputs, build_report
 from node.results.uids import ObjectKind, SeriesKind
 from node.spool import Spool, uid_to_filename
@@ -53,6 +55,14 @@ SERIES: dict[SeriesKind, tuple[int, str]] = {
 
 class ResultBuildError(ValueError):
     """The job's artefacts or source image cannot make result objects (retrying will not help)."""
+
+
+@dataclass(frozen=True)
+class BuiltJob:
+    """A job's result objects in sending order, and what had to be repaired in its sources to make them."""
+
+    datasets: list[Dataset]
+    repairs: tuple[SourceRepair, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -82,10 +92,11 @@ def _identity(
 
 def _read_source(image: ImageResult) -> Dataset:
     try:
-        ds = pydicom.dcmread(image.source_path)
+        with quiet_pydicom():
+            ds = pydicom.dcmread(image.source_path)
     except (OSError, InvalidDicomError) as error:
         raise ResultBuildError(
-            f"cannot read source {image.source_path} of image {image.key}: {error}"
+            f"cannot read source {image.source_path} of image {image.key} ({type(error).__name__})"
         ) from error
     if str(ds.get("SOPInstanceUID", "")) != image.source_sop_instance_uid:
         raise ResultBuildError(
@@ -102,11 +113,12 @@ def _optional_array(results_root: Path, job_id: str, key: str, name: str) -> np.
         return None
 
 
-def build_for_image(result: JobResult, index: int, results_root: Path) -> list[Dataset]:
+def build_for_image(result: JobResult, index: int, results_root: Path) -> BuiltJob:
     """The result objects of the ``index``-th image (0-based) of a job, pictures first."""
     image, model = result.images[index], result.model
     source = _read_source(image)
     base = overlay.display_image(source)
+    header = clean_source_header(source)
     caption = overlay.Caption.for_image(model, image)
     equipment = AlgorithmEquipment(model.name, model.version)
     study, version, number = str(source.StudyInstanceUID), model.version, index + 1
@@ -120,29 +132,40 @@ def build_for_image(result: JobResult, index: int, results_root: Path) -> list[D
             f"job {result.job_id} image {image.key} has no rationale.npy: nothing to overlay"
         )
     rationale = rationale.astype(np.float32)
-    pictures = [overlay_sc(source, overlay.render_overlay(base, rationale, caption),
+    pictures = [overlay_sc(header, overlay.render_overlay(base, rationale, caption),
                            identity(ObjectKind.OVERLAY, SeriesKind.RATIONALE, 2 * number - 1), equipment)]  # fmt: skip
     if caption.shows_rationale:
         pixels = overlay.render_side_by_side(base, overlay.healthy_image(base, rationale), caption)
-        pictures.append(side_by_side_sc(source, pixels, identity(ObjectKind.SIDE_BY_SIDE, SeriesKind.RATIONALE,
+        pictures.append(side_by_side_sc(header, pixels, identity(ObjectKind.SIDE_BY_SIDE, SeriesKind.RATIONALE,
                                                                   2 * number), equipment))  # fmt: skip
         cine = _optional_array(results_root, result.job_id, image.key, "cine")
         if cine is not None:
             frames = overlay.render_cine(cine.astype(np.float32), caption)
-            pictures.append(cine_sc(source, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment))
-    report = build_report(ReportInputs(source, image, model, tuple(pictures)),
+            pictures.append(cine_sc(header, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment))
+    report = build_report(ReportInputs(header, image, model, tuple(pictures)),
                           identity(ObjectKind.REPORT, SeriesKind.REPORT, number))  # fmt: skip
-    return [*pictures, report]
+    return BuiltJob([*pictures, report], header.repairs)
+
+
+def build_job(results_root: Path, job_id: str) -> BuiltJob:
+    """Every result object of a job and the source repairs they needed. Raises ResultBuildError, FileNotFoundError."""
+    result = read_job_result(results_root, job_id)
+    datasets: list[Dataset] = []
+    repairs: list[SourceRepair] = []
+    for index in range(len(result.images)):
+        built = build_for_image(result, index, results_root)
+        datasets.extend(built.datasets)
+        repairs.extend(built.repairs)
+    log.info("job %s: built %d result objects", job_id, len(datasets))
+    if repairs:
+        log.warning("job %s: %d source attribute(s) not copied verbatim: %s", job_id, len(repairs),
+                    ", ".join(f"{r.keyword} {r.action}" for r in repairs))  # fmt: skip
+    return BuiltJob(datasets, tuple(repairs))
 
 
 def build_results(results_root: Path, job_id: str) -> list[Dataset]:
     """Every result object of a job, in sending order. Raises ResultBuildError, FileNotFoundError."""
-    result = read_job_result(results_root, job_id)
-    datasets: list[Dataset] = []
-    for index in range(len(result.images)):
-        datasets.extend(build_for_image(result, index, results_root))
-    log.info("job %s: built %d result objects", job_id, len(datasets))
-    return datasets
+    return build_job(results_root, job_id).datasets
 
 
 def _kind_of(ds: Dataset) -> str:
@@ -208,11 +231,19 @@ def outbox_path(spool: Spool, job_id: str, entry: OutboxEntry) -> Path:
     return outbox_folder(spool, job_id) / entry.file
 
 
-def prepare_outbox(spool: Spool, job_id: str) -> list[OutboxEntry]:
-    """The job's outbox, built from its artefacts unless a complete one is already there."""
+def prepare_outbox(
+    spool: Spool, job_id: str, on_repairs: Callable[[tuple[SourceRepair, ...]], None] | None = None
+) -> list[OutboxEntry]:
+    """The job's outbox, built from its artefacts unless a complete one is already there.
+
+    ``on_repairs`` hears the source repairs of a fresh build (for the audit trail).
+    """
     entries = read_outbox(spool, job_id)
     if entries is None:
-        entries = write_outbox(spool, job_id, build_results(spool.results, job_id))
+        built = build_job(spool.results, job_id)
+        entries = write_outbox(spool, job_id, built.datasets)
+        if built.repairs and on_repairs is not None:
+            on_repairs(built.repairs)
     return entries
 
 

@@ -10,6 +10,7 @@ Grayscale Byte SC with a Cine module, so viewers scroll or play it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -19,25 +20,16 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from node.results.source_header import PATIENT_AND_STUDY_KEYWORDS, SourceHeader
 from node.selection import RESULT_MANUFACTURER, RESULT_SERIES_PREFIX
 
 MULTIFRAME_GREYSCALE_BYTE_SC = UID("1.2.840.10008.5.1.4.1.1.7.2")
-DEFAULT_ORIENTATION = (
-    "L",
-    "F",
-)  # a PA chest as displayed: rows run to the patient's left, columns to the feet
+# a PA chest as displayed (rows to the patient's left, columns to the feet): only to satisfy SCImage,
+# whose orientation is replaced by an empty value when the source states none
+DEFAULT_ORIENTATION = ("L", "F")
 CINE_FRAME_TIME_MS = 250.0
+_DIRECTIONS = re.compile(r"^[APRLHF]{1,3}$")
 
-# Patient, Patient Study and General Study modules: copied verbatim when the source has them.
-PATIENT_AND_STUDY_KEYWORDS = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
-    "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-    "PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-    "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID",
-    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyDescription",
-    "ProcedureCodeSequence", "RequestingService", "AdmittingDiagnosesDescription",
-)  # fmt: skip
 _REQUIRED_EMPTY_IF_ABSENT = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
                              "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
 
@@ -91,7 +83,11 @@ class AlgorithmEquipment:
 
 
 def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
-    """Copy the Patient, Patient Study and General Study modules exactly (Type 2 left empty if absent)."""
+    """Copy the Patient, Patient Study and General Study modules exactly (Type 2 left empty if absent).
+
+    ``source`` is a cleaned header (``source_header.clean_source_header``): what it
+    holds is valid, so it is copied verbatim.
+    """
     if "SpecificCharacterSet" in source:
         target.SpecificCharacterSet = source.SpecificCharacterSet
     for keyword in PATIENT_AND_STUDY_KEYWORDS:
@@ -118,11 +114,15 @@ def _laterality(source: Dataset) -> str:
     return ""
 
 
-def _orientation(source: Dataset) -> tuple[str, str]:
+def source_orientation(source: Dataset) -> tuple[str, str] | None:
+    """The source's Patient Orientation when it names two directions (A, P, R, L, H, F), else None."""
     value = source.get("PatientOrientation")
-    if value is not None and len(value) == 2 and all(value):
-        return str(value[0]), str(value[1])
-    return DEFAULT_ORIENTATION
+    if value is None or isinstance(value, str) or len(value) != 2:
+        return None
+    row, column = (str(part) for part in value)
+    if all(_DIRECTIONS.match(part) for part in (row, column)):
+        return row, column
+    return None
 
 
 def _source_reference(source: Dataset) -> Dataset:
@@ -136,7 +136,7 @@ def _source_reference(source: Dataset) -> Dataset:
 
 
 def _sc_image(
-    source: Dataset,
+    header: SourceHeader,
     pixels: np.ndarray,
     identity: ResultIdentity,
     equipment: AlgorithmEquipment,
@@ -145,6 +145,7 @@ def _sc_image(
     """An SC of ``pixels`` (uint8; 2-D greyscale or RGB) in the source's study, fully labelled."""
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError(f"SC pixels must be uint8 greyscale or RGB, got {pixels.dtype} {pixels.shape}")
+    source = header.dataset
     sc = hd.sc.SCImage(
         pixel_array=pixels,
         photometric_interpretation="RGB" if pixels.ndim == 3 else "MONOCHROME2",
@@ -156,11 +157,14 @@ def _sc_image(
         sop_instance_uid=identity.sop_instance_uid,
         instance_number=identity.instance_number,
         manufacturer=RESULT_MANUFACTURER,
-        patient_orientation=_orientation(source),
+        patient_orientation=source_orientation(source) or DEFAULT_ORIENTATION,
         transfer_syntax_uid=ExplicitVRLittleEndian,  # Orthanc's preview renders it; colour JPEG 2000 it cannot
         contributing_equipment=[equipment.contributing()],
     )
     copy_patient_and_study(source, sc)
+    if source_orientation(source) is None:
+        del sc.PatientOrientation
+        sc.add_new(0x00200020, "CS", None)  # General Image module, Type 2C: unknown, not guessed
     # General Series module
     sc.SeriesDescription = identity.series_description
     set_series_date(sc)
@@ -179,12 +183,13 @@ def _sc_image(
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = derivation[:1024]
     sc.SourceImageSequence = Sequence([_source_reference(source)])
-    sc.LossyImageCompression = "00"
+    # lossy pixels stay lossy: the source's history, ratio and method carry over
+    header.lossy.apply(sc)
     return sc
 
 
 def overlay_sc(
-    source: Dataset, pixels: np.ndarray, identity: ResultIdentity, equipment: AlgorithmEquipment
+    source: SourceHeader, pixels: np.ndarray, identity: ResultIdentity, equipment: AlgorithmEquipment
 ) -> Dataset:
     """The radiograph with its rationale overlay, colour bar and caption (RGB, uncompressed)."""
     if pixels.ndim != 3:
@@ -194,7 +199,7 @@ def overlay_sc(
 
 
 def side_by_side_sc(
-    source: Dataset, pixels: np.ndarray, identity: ResultIdentity, equipment: AlgorithmEquipment
+    source: SourceHeader, pixels: np.ndarray, identity: ResultIdentity, equipment: AlgorithmEquipment
 ) -> Dataset:
     """Original | the source minus the rationale (the healthy counterfactual), with the caption (greyscale)."""
     if pixels.ndim != 2:
@@ -204,7 +209,7 @@ def side_by_side_sc(
 
 
 def cine_sc(
-    source: Dataset,
+    source: SourceHeader,
     frames: np.ndarray,
     identity: ResultIdentity,
     equipment: AlgorithmEquipment,

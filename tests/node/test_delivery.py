@@ -150,6 +150,34 @@ def test_deliver_job_lands_in_source_study(inferred_job: Any, orthanc: Orthanc, 
     )
 
 
+def test_source_with_dashed_birth_date_is_delivered_and_audited_without_the_date(
+    inferred_job: Any, orthanc: Orthanc, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PatientBirthDate '1970-01-01' in the source: SENT with 19700101, one audit event, the date nowhere."""
+    import pydicom
+    from pydicom.dataelem import DataElement
+
+    delivered = inferred_job([peer_of(orthanc)])
+    source = pydicom.dcmread(delivered.job.source_path)
+    source[0x00100030] = DataElement(0x00100030, "DA", "1970-01-01")
+    source.save_as(delivered.job.source_path, enforce_file_format=True)
+    orthanc.upload(delivered.job.source_path)
+    caplog.clear()
+    report = deliver_job(delivered.ctx, delivered.job_id)
+    assert report.complete and delivered.state().state == JobState.SENT
+    events = delivered.events("result.source_repaired")
+    assert len(events) == 1 and "PatientBirthDate repaired" in events[0].message
+    assert events[0].details == {"repairs": [{"source": str(source.SOPInstanceUID), "keyword": "PatientBirthDate",
+                                             "action": "repaired", "reason": "date rewritten as YYYYMMDD"}]}  # fmt: skip
+    for item in study_instances(orthanc, str(source.StudyInstanceUID)):
+        tags = orthanc.request("GET", f"/instances/{item['ID']}/simplified-tags")
+        if tags.get("Manufacturer") == "gvr-node":
+            assert tags["PatientBirthDate"] == "19700101"
+    with delivered.ctx.audit.session() as session:
+        messages = [f"{e.message} {e.details}" for e in session.scalars(select(Event))]
+    assert not any("1970-01-01" in text for text in [*messages, caplog.text])
+
+
 def _screenshot_explorer(orthanc: Orthanc, study_id: str, tmp_path: Path) -> None:
     """Headless Chromium on Orthanc Explorer's study page; the PNG stays in tmp_path, checked not blank."""
     browser = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -220,24 +220,28 @@ def test_render_overlay_grid_mismatch_raises() -> None:
 
 
 def test_sr_dsrdump_shows_finding_and_probability(fake_job: FakeJob, tmp_path: Path) -> None:
-    """dcmtk's dsrdump reads the SR: heart failure likely, the probability, BNP, the algorithm."""
+    """dcmtk's dsrdump reads the SR: heart failure present (CID 240), the probability, BNP, the algorithm."""
     tool = require_tool("dsrdump", "dcmtk")
     sr = build_results(fake_job.spool.results, fake_job.job_id)[-1]
     path = tmp_path / "sr.dcm"
     path.write_bytes(encode(sr))
     text = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
-    for expected in ('"Heart failure likely"', '(84114007,SCT,"Heart failure")', '"Probability")="0.83"',
+    for expected in ('CODE:(,,"Heart failure")=(52101004,SCT,"Present")', '(84114007,SCT,"Heart failure")', '"Probability")="0.83"',
                      '"Natriuretic peptide B', '"Algorithm Version")="0.0.1"', '(373067005,SCT,"No")',
                      "Manufacturer        : gvr-node"):  # fmt: skip
         assert expected in text, expected
 
 
-def test_sr_unlikely_without_bnp(tmp_path: Path) -> None:
-    """A negative result says "unlikely" and carries no BNP measurement."""
+def test_sr_negative_is_an_absent_finding_without_bnp(tmp_path: Path) -> None:
+    """A negative result is the finding heart failure coded Absent (CID 240), with no BNP measurement."""
+    tool = require_tool("dsrdump", "dcmtk")
     job = make_fake_job(tmp_path, probability=0.2, bnp=None)
-    sr = build_results(job.spool.results, job.job_id)[-1]
-    text = str(sr)
-    assert "Heart failure unlikely" in text and "Natriuretic" not in text
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(build_results(job.spool.results, job.job_id)[-1]))
+    text = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert 'CODE:(,,"Heart failure")=(272519000,SCT,"Absent")' in text
+    assert "Present" not in text and "likely" not in text and "Natriuretic" not in text
+    assert dciodvfy_errors(path) == []
 
 
 def test_build_results_without_optional_arrays(tmp_path: Path) -> None:
