@@ -39,7 +39,7 @@ class Assembler:
         self.audit = audit
         self.enqueue = enqueue
         self.actor = actor
-        self.rule = rule or SelectionRule()
+        self.rule = rule or SelectionRule.from_settings(settings)
         self._released: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()

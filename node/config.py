@@ -102,6 +102,23 @@ class Settings(BaseSettings):
     study_stable_seconds: float = Field(5.0, gt=0, description="a study is complete after this quiet time")
     complete_on_release: bool = Field(False, description="also complete a study when its association ends")
     assembler_poll_seconds: float = Field(0.5, gt=0, description="how often the assembler looks for stable studies")
+    # -- selection (the loop guard against our own and derived objects is not a setting)
+    select_modalities: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CR", "DX"], description="modalities analysed"
+    )
+    select_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CHEST"], description="BodyPartExamined values analysed (an image without one is too)"
+    )
+    select_view_positions: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PA", "AP"], description="ViewPosition values analysed (an image without one is too)"
+    )
+    select_image_types: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["ORIGINAL", "DERIVED\\PRIMARY"],
+        description="ImageType prefixes analysed, values joined by a backslash (an image without one is too)",
+    )
+    report_ood_findings: bool = Field(
+        False, description="give an out-of-distribution image a finding anyway (flagged); off: 'not analysed'"
+    )
     # -- results
     destinations: Annotated[list[Peer], NoDecode] = Field(
         default_factory=list, description="where results go, AE@host:port each; e.g. the PACS"
@@ -129,6 +146,15 @@ class Settings(BaseSettings):
     def _ips(cls, value: Any) -> Any:
         value = split_list(value)
         return value
+
+    @field_validator("select_modalities", "select_body_parts", "select_view_positions", "select_image_types",
+                     mode="before")  # fmt: skip
+    @classmethod
+    def _selection(cls, value: Any) -> Any:
+        values = [str(v).strip().upper() for v in split_list(value)]
+        if not values or not all(values):
+            raise ValueError("a selection setting needs at least one non-empty value")
+        return values
 
     @field_validator("destinations", mode="before")
     @classmethod

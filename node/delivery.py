@@ -218,7 +218,8 @@ def deliver_job(
     if not peers:
         raise DeliveryError("no destinations: set GVR_DESTINATIONS (AE@host:port, e.g. the PACS)")
     try:
-        entries = prepare_outbox(ctx.spool, job_id, lambda repairs: _note_repairs(ctx, job_id, repairs))
+        entries = prepare_outbox(ctx.spool, job_id, lambda repairs: _note_repairs(ctx, job_id, repairs),
+                                 report_ood=ctx.settings.report_ood_findings)  # fmt: skip
     except FileNotFoundError as error:
         raise DeliveryError(
             f"job {job_id} has no complete inference result ({error}): analyse it again"

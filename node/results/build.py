@@ -19,7 +19,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -113,13 +113,19 @@ def _optional_array(results_root: Path, job_id: str, key: str, name: str) -> np.
         return None
 
 
-def build_for_image(result: JobResult, index: int, results_root: Path) -> BuiltJob:
-    """The result objects of the ``index``-th image (0-based) of a job, pictures first."""
+def build_for_image(result: JobResult, index: int, results_root: Path, report_ood: bool = False) -> BuiltJob:
+    """The result objects of the ``index``-th image (0-based) of a job, pictures first.
+
+    ``report_ood`` (setting ``report_ood_findings``) gives an out-of-distribution
+    image its thresholded finding anyway, still flagged, still without colour.
+    """
     image, model = result.images[index], result.model
     source = _read_source(image)
     base = overlay.display_image(source)
     header = clean_source_header(source)
     caption = overlay.Caption.for_image(model, image)
+    if report_ood and image.ood_flag:
+        caption = replace(caption, finding="heart failure likely" if image.positive else "heart failure unlikely")
     equipment = AlgorithmEquipment(model.name, model.version)
     study, version, number = str(source.StudyInstanceUID), model.version, index + 1
 
@@ -142,18 +148,18 @@ def build_for_image(result: JobResult, index: int, results_root: Path) -> BuiltJ
         if cine is not None:
             frames = overlay.render_cine(cine.astype(np.float32), caption)
             pictures.append(cine_sc(header, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment))
-    report = build_report(ReportInputs(header, image, model, tuple(pictures)),
+    report = build_report(ReportInputs(header, image, model, tuple(pictures), report_ood),
                           identity(ObjectKind.REPORT, SeriesKind.REPORT, number))  # fmt: skip
     return BuiltJob([*pictures, report], header.repairs)
 
 
-def build_job(results_root: Path, job_id: str) -> BuiltJob:
+def build_job(results_root: Path, job_id: str, report_ood: bool = False) -> BuiltJob:
     """Every result object of a job and the source repairs they needed. Raises ResultBuildError, FileNotFoundError."""
     result = read_job_result(results_root, job_id)
     datasets: list[Dataset] = []
     repairs: list[SourceRepair] = []
     for index in range(len(result.images)):
-        built = build_for_image(result, index, results_root)
+        built = build_for_image(result, index, results_root, report_ood)
         datasets.extend(built.datasets)
         repairs.extend(built.repairs)
     log.info("job %s: built %d result objects", job_id, len(datasets))
@@ -232,7 +238,10 @@ def outbox_path(spool: Spool, job_id: str, entry: OutboxEntry) -> Path:
 
 
 def prepare_outbox(
-    spool: Spool, job_id: str, on_repairs: Callable[[tuple[SourceRepair, ...]], None] | None = None
+    spool: Spool,
+    job_id: str,
+    on_repairs: Callable[[tuple[SourceRepair, ...]], None] | None = None,
+    report_ood: bool = False,
 ) -> list[OutboxEntry]:
     """The job's outbox, built from its artefacts unless a complete one is already there.
 
@@ -240,7 +249,7 @@ def prepare_outbox(
     """
     entries = read_outbox(spool, job_id)
     if entries is None:
-        built = build_job(spool.results, job_id)
+        built = build_job(spool.results, job_id, report_ood)
         entries = write_outbox(spool, job_id, built.datasets)
         if built.repairs and on_repairs is not None:
             on_repairs(built.repairs)

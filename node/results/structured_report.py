@@ -60,6 +60,11 @@ class ReportInputs:
     image: ImageResult
     model: ModelInfo
     pictures: tuple[Dataset, ...]  # the SCs made from the same source, referenced by the report
+    report_ood: bool = False  # setting report_ood_findings: an OOD image keeps its (flagged) finding
+
+    @property
+    def withholds_finding(self) -> bool:
+        return self.image.ood_flag and not self.report_ood
 
     def __post_init__(self) -> None:
         if self.source.sop_instance_uid != self.image.source_sop_instance_uid:
@@ -120,10 +125,10 @@ def _library_entries(evidence: Dataset) -> list[Dataset]:
     return [evidence]
 
 
-def _measurements(image: ImageResult) -> list[hd.sr.Measurement]:
+def _measurements(image: ImageResult, withhold: bool) -> list[hd.sr.Measurement]:
     unitless = codes.UCUM.NoUnits
     ood = hd.sr.Measurement(name=OOD_SCORE, value=round(image.ood_score, 6), unit=unitless)
-    if image.ood_flag:
+    if withhold:
         return [ood]  # no probability: a reader could threshold it into the finding we do not make
     measurements = [
         hd.sr.Measurement(name=PROBABILITY, value=round(image.probability, 6), unit=unitless),
@@ -142,15 +147,15 @@ def _measurements(image: ImageResult) -> list[hd.sr.Measurement]:
     return measurements
 
 
-def _evaluations(image: ImageResult) -> list[hd.sr.QualitativeEvaluation]:
-    if image.ood_flag:
+def _evaluations(image: ImageResult, withhold: bool) -> list[hd.sr.QualitativeEvaluation]:
+    if withhold:
         return [
             hd.sr.QualitativeEvaluation(name=ANALYSIS, value=NOT_ANALYSED_OOD),
             hd.sr.QualitativeEvaluation(name=OUT_OF_DISTRIBUTION, value=codes.SCT.Yes),
         ]
     return [
         hd.sr.QualitativeEvaluation(name=HEART_FAILURE, value=PRESENT if image.positive else ABSENT),
-        hd.sr.QualitativeEvaluation(name=OUT_OF_DISTRIBUTION, value=codes.SCT.No),
+        hd.sr.QualitativeEvaluation(name=OUT_OF_DISTRIBUTION, value=codes.SCT.Yes if image.ood_flag else codes.SCT.No),
     ]
 
 
@@ -161,7 +166,7 @@ def _group(inputs: ReportInputs, evidence: Dataset) -> hd.sr.MeasurementsAndQual
             uid=uids.tracking_uid(image.source_sop_instance_uid, model.version),
             identifier="GVR heart failure",
         ),
-        finding_type=None if image.ood_flag else HEART_FAILURE,
+        finding_type=None if inputs.withholds_finding else HEART_FAILURE,
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=model.name,
             version=model.version,
@@ -169,8 +174,8 @@ def _group(inputs: ReportInputs, evidence: Dataset) -> hd.sr.MeasurementsAndQual
             manufacturer=RESULT_MANUFACTURER,
         ),
         source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(evidence)],
-        measurements=_measurements(image),
-        qualitative_evaluations=_evaluations(image),
+        measurements=_measurements(image, inputs.withholds_finding),
+        qualitative_evaluations=_evaluations(image, inputs.withholds_finding),
     )
 
 

@@ -6,13 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.audit.models import Event, Job, JobImage, JobState, Study, StudyState
-from node.config import Peer
+from node.config import Peer, Settings
 from node.scu import FileToSend, send_files
-from node.selection import RESULT_MANUFACTURER, SelectionRule
+from node.selection import RESULT_MANUFACTURER, SelectionRule, loop_guard_reason
 from tests.factories import CT_IMAGE, make_image, write
 
 
@@ -62,7 +63,7 @@ def test_assembler_no_eligible_image_says_why(running_node: Any, tmp_path: Path)
     _send(service, [write(make_image(study_uid, modality="CT", sop_class=CT_IMAGE), tmp_path)])
     study = _wait_for_study(service, study_uid)
     assert study.state == StudyState.NO_ELIGIBLE
-    assert "modality CT" in (study.reason or "")
+    assert "modality 'CT'" in (study.reason or "")
     with service.audit.session() as session:
         event = session.scalar(select(Event).where(Event.kind == "study.no_eligible"))
         assert event is not None and "CT" in event.message
@@ -137,3 +138,65 @@ def test_selection_rule_reasons() -> None:
     derived = make_image("1.2.3")
     derived.ImageType = ["DERIVED", "SECONDARY"]
     assert "DERIVED" in (rule.reason_to_skip(derived) or "")
+
+
+def _typed(study_uid: str, image_type: list[str], seed: int = 0) -> Any:
+    ds = make_image(study_uid, seed=seed)
+    ds.ImageType = image_type
+    return ds
+
+
+def test_selection_rule_image_types_default_original_and_derived_primary() -> None:
+    """ORIGINAL and DERIVED\\PRIMARY (processed CR) are analysed; DERIVED\\SECONDARY is not, and says so."""
+    rule = SelectionRule.from_settings(Settings())
+    assert rule.reason_to_skip(_typed("1.2.3", ["ORIGINAL", "PRIMARY"])) is None
+    assert rule.reason_to_skip(_typed("1.2.3", ["DERIVED", "PRIMARY", "POST_PROCESSED"])) is None
+    assert rule.reason_to_skip(_typed("1.2.3", ["derived", "primary"])) is None
+    reason = rule.reason_to_skip(_typed("1.2.3", ["DERIVED", "SECONDARY"])) or ""
+    assert "ImageType ['DERIVED', 'SECONDARY'] not in ['DERIVED\\\\PRIMARY', 'ORIGINAL']" in reason
+    strict = SelectionRule.from_settings(Settings(select_image_types="ORIGINAL"))
+    assert "ImageType" in (strict.reason_to_skip(_typed("1.2.3", ["DERIVED", "PRIMARY"])) or "")
+
+
+def test_selection_settings_from_environment(monkeypatch: Any) -> None:
+    """GVR_SELECT_* lists (comma or space separated, any case) make the rule; an empty list is refused."""
+    monkeypatch.setenv("GVR_SELECT_MODALITIES", "cr, dx, rg")
+    monkeypatch.setenv("GVR_SELECT_VIEW_POSITIONS", "PA")
+    rule = SelectionRule.from_settings(Settings())
+    assert rule.modalities == {"CR", "DX", "RG"} and rule.view_positions == {"PA"}
+    assert "view position 'AP'" in (rule.reason_to_skip(make_image("1.2.3", view="AP")) or "")
+    monkeypatch.setenv("GVR_SELECT_MODALITIES", " ")
+    with pytest.raises(ValueError, match="select_modalities"):
+        Settings()
+
+
+def test_loop_guard_is_not_a_setting() -> None:
+    """Settings that accept everything still never analyse SC, SR, presentation states or our own output."""
+    rule = SelectionRule.from_settings(
+        Settings(select_modalities="CR DX OT SR PR", select_image_types="ORIGINAL DERIVED")
+    )
+    for sop_class in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.88.34",
+                      "1.2.840.10008.5.1.4.1.1.11.1", "1.2.840.10008.5.1.4.1.1.104.1"):  # fmt: skip
+        ds = make_image("1.2.3", sop_class=sop_class, modality="OT")
+        assert "loop guard" in (rule.reason_to_skip(ds) or ""), sop_class
+    own = make_image("1.2.3")
+    own.SeriesDescription = "GVR rationale"
+    assert "loop guard" in (rule.reason_to_skip(own) or "")
+    vl_photo = make_image("1.2.3", sop_class="1.2.840.10008.5.1.4.1.1.77.1.4", modality="XC")
+    assert loop_guard_reason(vl_photo) is None  # 1.1.77 is not a Secondary Capture (1.1.7)
+
+
+def test_assembler_skip_reasons_from_settings_in_the_audit(running_node: Any, tmp_path: Path) -> None:
+    """With select_image_types=ORIGINAL a DERIVED\\PRIMARY image is skipped, its reason in job.queued."""
+    service = running_node(select_image_types=["ORIGINAL"])
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    images = [_typed(study_uid, ["ORIGINAL", "PRIMARY"], 1), _typed(study_uid, ["DERIVED", "PRIMARY"], 2)]
+    _send(service, [write(ds, tmp_path) for ds in images])
+    assert _wait_for_study(service, study_uid).state == StudyState.ASSEMBLED
+    with service.audit.session() as session:
+        event = session.scalar(select(Event).where(Event.kind == "job.queued"))
+        assert event is not None and event.details is not None
+        assert event.details["skipped"] == {
+            str(images[1].SOPInstanceUID): "ImageType ['DERIVED', 'PRIMARY'] not in ['ORIGINAL']"
+        }

@@ -284,3 +284,19 @@ def test_prepare_outbox_reports_repairs_once(tmp_path: Path) -> None:
     prepare_outbox(spool, "job-r", lambda repairs: heard.extend((r.keyword, r.action) for r in repairs))
     prepare_outbox(spool, "job-r", lambda repairs: heard.extend((r.keyword, r.action) for r in repairs))
     assert heard == [("PatientBirthDate", "repaired")]
+
+
+def test_report_ood_findings_setting_keeps_the_flagged_finding(tmp_path: Path) -> None:
+    """report_ood_findings (default off): the OOD image keeps its finding and probability, flagged Yes."""
+    from node.config import Settings
+
+    assert Settings().report_ood_findings is False
+    tool = require_tool("dsrdump", "dcmtk")
+    _, spool = write_job(tmp_path, lambda ds: None, probability=0.9, ood=True)
+    built = build_job(spool.results, "hostile", report_ood=True)
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(encode(built.datasets[-1]))
+    text = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert 'CODE:(,,"Heart failure")=(52101004,SCT,"Present")' in text and '"Probability")="0.9"' in text
+    assert '(373066001,SCT,"Yes")' in text and "Not analysed" not in text
+    assert_valid(tmp_path, built)
