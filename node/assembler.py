@@ -16,13 +16,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Instance, InstanceStatus, Job, JobImage, JobState, Study, StudyState, utcnow
 from node.config import Settings
 from node.selection import SelectionRule, read_selection_header
+from node.supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +42,7 @@ class Assembler:
         self.rule = rule or SelectionRule.from_settings(settings)
         self._released: set[str] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.loop = SupervisedLoop("assembler", self.run_once, settings.assembler_poll_seconds)
 
     def mark_released(self, study_uids: set[str]) -> None:
         """Called when an association ends: those studies are complete now (if configured)."""
@@ -138,22 +137,13 @@ class Assembler:
 
     # -- the background loop --------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="assembler", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except SQLAlchemyError as error:
-                log.error("assembler pass failed (audit DB): %s; retrying", error)
-            self._stop.wait(self.settings.assembler_poll_seconds)
+    def start(self, on_death: Callable[[str, BaseException], None] | None = None) -> None:
+        """Run ``run_once`` every ``assembler_poll_seconds`` in a supervised thread (``node.supervision``)."""
+        self.loop.on_death = on_death
+        self.loop.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self.loop.stop(timeout)
 
 
 def _record_no_eligible(session: Session, study: Study, skipped: dict[str, str], actor: str) -> None:

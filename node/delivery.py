@@ -22,7 +22,6 @@ Never imports torch.
 from __future__ import annotations
 
 import logging
-import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -39,6 +38,7 @@ from node.results.build import OutboxEntry, ResultBuildError, outbox_path, prepa
 from node.results.source_header import SourceRepair
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
 from node.spool import Spool
+from node.supervision import describe_error
 
 log = logging.getLogger(__name__)
 DELIVERY_CONF_KEY = "gvr_delivery"  # app.conf key: RetryPolicy fields, e.g. {"max_retries": 3}
@@ -247,9 +247,7 @@ def deliver_job(
 
 def withheld(error: BaseException) -> str:
     """The error's type and where it was raised, not its message: library messages quote values (PHI)."""
-    frames = traceback.extract_tb(error.__traceback__)
-    where = f" at {'/'.join(frames[-1].filename.split('/')[-2:])}:{frames[-1].lineno}" if frames else ""
-    return f"{type(error).__name__}{where} (message withheld: it may quote patient data)"
+    return f"{describe_error(error)} (message withheld: it may quote patient data)"
 
 
 def _note_repairs(ctx: DeliveryContext, job_id: str, repairs: Sequence[SourceRepair]) -> None:

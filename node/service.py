@@ -13,6 +13,7 @@ from node.config import Settings
 from node.metrics import CountingIngestor, NodeMetrics
 from node.scp import AssociationLog, StorageSCP
 from node.spool import Spool
+from node.supervision import ServiceThreadDiedError
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,19 @@ class NodeService:
         )
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.thread_died = threading.Event()
+        self.dead_threads: list[str] = []
+
+    def _on_thread_death(self, name: str, error: BaseException) -> None:
+        self.dead_threads.append(name)
+        self.thread_died.set()
 
     def start(self) -> int:
         removed = self.spool.clear_partial_writes()
         if removed:
             log.info("removed %d partial write(s) left by an earlier crash", removed)
         self.port = self.scp.start()
-        self.assembler.start()
+        self.assembler.start(on_death=self._on_thread_death)
         if self.settings.metrics_port:  # issue 6: a failure to bind is logged, never fatal
             self.metrics_port = self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         return self.port
@@ -55,9 +62,14 @@ class NodeService:
         self.metrics.stop()
         self.audit.dispose()
 
-    def run_until(self, stop: threading.Event) -> None:
+    def run_until(self, stop: threading.Event, check_seconds: float = 0.5) -> None:
+        """Serve until ``stop`` is set; raises ServiceThreadDiedError when a supervised thread died."""
         self.start()
         try:
-            stop.wait()
+            while not stop.wait(check_seconds):
+                if self.thread_died.is_set() or not self.assembler.loop.alive:
+                    break
         finally:
             self.stop()
+        if self.thread_died.is_set() or (not stop.is_set() and not self.assembler.loop.alive):
+            raise ServiceThreadDiedError(f"background thread(s) died: {', '.join(self.dead_threads) or 'assembler'}")

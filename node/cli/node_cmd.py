@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid settings: %s", error)
         return 2
     from node.service import NodeService
+    from node.supervision import ServiceThreadDiedError
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -44,5 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         log.error("cannot start the node: %s", error)
         return 1
+    except ServiceThreadDiedError as error:
+        log.critical("node stopped: %s; exiting 3 so that the service manager restarts it", error)
+        return 3
     log.info("node stopped")
     return 0
