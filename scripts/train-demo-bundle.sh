@@ -11,9 +11,9 @@
 #
 #   DEVICE=cuda scripts/train-demo-bundle.sh   # same recipe on a GPU (the committed bundle is the CPU run)
 #
-# The autoencoder stage runs with --resume: every random draw is seeded by (seed, step), so a
-# run interrupted (or stopped at fewer steps) and started again ends where an uninterrupted
-# run would.
+# The autoencoder stage runs with --resume: every random draw is seeded by (seed, step) and the
+# learning rate is a function of the step, so a run interrupted and started again ends where an
+# uninterrupted run would.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

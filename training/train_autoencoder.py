@@ -124,9 +124,14 @@ def _losses(e: Encoder, g: Generator, real: torch.Tensor, cfg: AutoencoderTraini
 
 
 def train_autoencoder(images: np.ndarray, cfg: AutoencoderTraining, out: Path, resume: bool = False,
-                      device: torch.device | str = "cpu", data_description: str = "") -> dict[str, Any]:
+                      device: torch.device | str = "cpu", data_description: str = "",
+                      until: int | None = None) -> dict[str, Any]:
     """Train (or continue) ``G`` and ``E`` together; ``out/generator`` and ``out/encoder`` are ordinary
-    training folders (``load_generator``, ``load_encoder`` and ``gvr export`` read them)."""
+    training folders (``load_generator``, ``load_encoder`` and ``gvr export`` read them).
+
+    ``until`` stops (with a checkpoint) after that step, as an interruption would: the learning-rate
+    schedule still spans ``cfg.steps``, so resuming ends where an uninterrupted run does.
+    """
     device = torch.device(device)
     arch = cfg.architecture
     if images.shape[1:] != (arch.resolution,) * 2:
@@ -164,8 +169,10 @@ def train_autoencoder(images: np.ndarray, cfg: AutoencoderTraining, out: Path, r
         if done % cfg.log_every == 0 or done == cfg.steps:
             record = {"step": done, **parts}
             log.write(record)
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps or done == until:
             _checkpoint(out, g, e, opts, cfg, done, data_description, log, images)
+        if done == until:
+            break
     return record
 
 

@@ -104,6 +104,11 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--val-fraction", type=float, default=0.2, help="stratified validation share")
     opt.add_argument("--epochs", type=int, default=600, help="full-batch epochs per candidate")
+    opt.add_argument("--kinds", default="mlp", help="candidates, comma-separated: mlp, logistic")
+    opt.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP candidates")
+    opt.add_argument("--latent-noise", type=float, default=1.0,
+                     help="training noise on the latents, in per-dimension standard deviations (0: none); keeps "
+                          "the classifier flat along directions the decoder barely draws")
     opt.add_argument("--overfit", action="store_true",
                      help="also fit the paper's control: a deliberately overfitted wide MLP")
     opt.add_argument("--overfit-epochs", type=int, default=3000, help="epochs of the overfitted control")
@@ -203,7 +208,9 @@ def _run_classifier(args: argparse.Namespace) -> dict[str, object]:
         np.savez(cache, z=z.numpy(), bnp=bnp)
     labels = bnp >= args.threshold
     cfg = ClassifierTraining(val_fraction=args.val_fraction, epochs=args.epochs, seed=args.seed,
-                             overfit_epochs=args.overfit_epochs, overfit_hidden=args.overfit_hidden)
+                             overfit_epochs=args.overfit_epochs, overfit_hidden=args.overfit_hidden,
+                             kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
+                             mlp_hidden=args.hidden, latent_noise=args.latent_noise)
     extra = {"kind": "classifier", "bnp_threshold": args.threshold, "data": f"{args.labels} ({len(bnp)} images, "
              f"{int(labels.sum())} with BNP >= {args.threshold:g})", "config": cfg.to_dict(),
              "encoder": str(args.encoder), "generator": str(args.generator), "step": 1}
