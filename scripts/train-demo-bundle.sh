@@ -4,7 +4,7 @@
 #   scripts/train-demo-bundle.sh            # WORK=/tmp/gvr-demo-train by default
 #
 # Seeds: unlabelled 0-9999 (generator + encoder, trained together as an autoencoder), labelled
-# 100000-101999 (classifier), validation 150000-150199 (the overlay's colour scale), held-out
+# 100000-103999 (classifier), validation 150000-150199 (the overlay's colour scale), held-out
 # 200000-200999 (evaluation only, never seen in training). Phantoms (v2) are rendered at 256 px and
 # go through the shared preprocessing down to 128 x 128.
 # Trained on synthetic phantoms; not for clinical use.
@@ -25,7 +25,7 @@ DEVICE="${DEVICE:-cpu}"
 THREADS="${THREADS:-2}"
 AE_STEPS="${AE_STEPS:-2000}"
 UNLABELLED="phantoms:0-9999@256"
-LABELLED="phantoms:100000-101999@256"
+LABELLED="phantoms:100000-103999@256"
 VALIDATION="phantoms:150000-150199@256"
 HELD_OUT="phantoms:200000-200999@256"
 mkdir -p "$WORK"
@@ -45,7 +45,7 @@ stage autoencoder $GVR train autoencoder --data "$UNLABELLED" --out "$WORK/autoe
   --device "$DEVICE" --resume
 stage classifier $GVR train classifier --labels "$LABELLED" --encoder "$WORK/autoencoder/encoder" \
   --generator "$WORK/autoencoder/generator" --out "$WORK/classifier" --threshold 100 --overfit --workers 2 \
-  --seed 0 --threads "$THREADS" --device "$DEVICE"
+  --kinds mlp --hidden 128 --latent-noise 1.0 --seed 0 --threads "$THREADS" --device "$DEVICE"
 stage export $GVR export --generator "$WORK/autoencoder/generator" --encoder "$WORK/autoencoder/encoder" \
   --classifier "$WORK/classifier" --out "$WORK/bundle" --name demo --version "$VERSION"
 stage evaluate $GVR evaluate --bundle "$WORK/bundle" --labels "$HELD_OUT" --out "$WORK/evaluation" --workers 2 \

@@ -34,6 +34,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gvr.explain")
 
 
+def _rationale_defaults() -> Any:
+    from inference.rationale import RationaleConfig
+
+    return RationaleConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvr explain",
@@ -46,15 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch", type=int, default=16, help="images per optimisation batch")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    rationale = parser.add_argument_group("rationale")
-    rationale.add_argument("--weight", type=float, default=20.0, help="lambda: weight of the image distance")
-    rationale.add_argument("--distance", choices=("l1", "l2"), default="l1", help="image distance")
-    rationale.add_argument("--prior-weight", type=float, default=0.0, help="weight of |z|^2/dim (0: off)")
+    rationale = parser.add_argument_group("rationale (defaults: inference.rationale.RationaleConfig)")
+    defaults = _rationale_defaults()
+    rationale.add_argument("--weight", type=float, default=defaults.weight,
+                           help="lambda: weight of the image distance")
+    rationale.add_argument("--distance", choices=("l1", "l2"), default=defaults.distance.value, help="image distance")
+    rationale.add_argument("--prior-weight", type=float, default=defaults.prior_weight,
+                           help="weight of the latent prior (0: off)")
     rationale.add_argument("--target", type=float, default=None,
-                           help="stop below this probability (default: half the decision threshold)")
-    rationale.add_argument("--max-steps", type=int, default=200, help="Adam steps at most")
-    rationale.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
-    rationale.add_argument("--frames", type=int, default=8, help="cine frames, both ends included")
+                           help="the classifier term lets go below this probability (default: half the threshold)")
+    rationale.add_argument("--max-steps", type=int, default=defaults.max_steps, help="Adam steps at most")
+    rationale.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    rationale.add_argument("--frames", type=int, default=defaults.frames, help="cine frames, both ends included")
     rationale.add_argument("--seed", type=int, default=0, help="seed (the optimisation is deterministic)")
     return parser
 

@@ -37,7 +37,9 @@ def test_config_validates_and_coerces() -> None:
     assert RationaleConfig(distance="l2").distance is Distance.L2  # type: ignore[arg-type]
     for kwargs, field in (({"weight": -1}, "weight"), ({"target": 1.5}, "target"), ({"lr": 0}, "lr"),
                           ({"max_steps": -1}, "max_steps"), ({"frames": 1}, "frames"),
-                          ({"prior_weight": float("nan")}, "prior_weight")):
+                          ({"prior_weight": float("nan")}, "prior_weight"),
+                          ({"proximity_weight": -1}, "proximity_weight"), ({"temperature": 0}, "temperature"),
+                          ({"patience": 0}, "patience"), ({"tolerance": -1}, "tolerance")):
         with pytest.raises(ValueError, match=field):
             RationaleConfig(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -90,7 +92,8 @@ def test_distance_term_shapes_the_end_point(tiny_bundle: Bundle, split: tuple) -
     counterfactual stops near the target; without it, it runs much further from z0 and deeper below the target."""
     positives, _ = split
     held = explain(tiny_bundle, positives, RationaleConfig(max_steps=300))
-    free = explain(tiny_bundle, positives, RationaleConfig(weight=0.0, prior_weight=0.0, max_steps=300))
+    free = explain(tiny_bundle, positives, RationaleConfig(weight=0.0, proximity_weight=0.0, prior_weight=0.0,
+                                                           max_steps=300))
     assert np.median(held.p_star) > 5 * np.median(free.p_star), (held.p_star, free.p_star)
     assert np.abs(held.rationale).mean() < np.abs(free.rationale).mean()
 
