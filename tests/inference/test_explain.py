@@ -139,4 +139,4 @@ def test_explain_help_shows_defaults(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         explain_cli.main(["--help"])
     text = capsys.readouterr().out
-    assert "--max-steps" in text and "(default: 200)" in text
+    assert "--max-steps" in text and "(default: 150)" in text
