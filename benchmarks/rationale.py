@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.rationale_report import report_from
 
         report_from(args.out, args.docs)
-        figure = args.out / "rationale_quality.png"
-        if figure.exists() and args.which in ("quality", "all", "report"):
-            shutil.copyfile(figure, args.docs.parent / "rationale_quality.png")
-        mnist = args.out / "mnist_gvr.png"
-        if mnist.exists() and args.which in ("mnist", "all", "report"):
-            shutil.copyfile(mnist, args.docs.parent / "rationale_mnist.png")
+        for source, target, kinds in (
+                (args.out / "rationale_quality.png", args.docs.parent / "rationale_quality.png", ("quality", "all")),
+                (args.out / "mnist_gvr.png", args.docs.parent / "rationale_mnist.png", ("mnist", "all"))):
+            # an --out inside the docs folder already holds the figure under that name
+            if source.exists() and args.which in (*kinds, "report") and source.resolve() != target.resolve():
+                shutil.copyfile(source, target)
     return 0
 
 
