@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.uid import UID
 from sqlalchemy import Connection, bindparam, insert, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -26,12 +27,17 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class StoreRequest:
-    """What the peer sent: the raw data set and the C-STORE request's identifiers."""
+    """What the peer sent: the raw data set, the C-STORE request's identifiers and its context's SOP class.
+
+    Values come from the peer as they are (tolerant when we read): ``Ingestor.receive``
+    checks them before relying on them.
+    """
 
     data: bytes
     sop_class_uid: str
     sop_instance_uid: str
     association_id: int | None
+    context_sop_class: str | None = None  # the abstract syntax negotiated for the presentation context
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,7 @@ class Ingestor:
     def receive(self, request: StoreRequest) -> IngestResult:
         """Store and audit one instance. Never raises: every failure becomes a status."""
         try:
+            check_request(request)
             header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid)
             status = self._store(request, header)
         except InstanceRejectedError as rejected:
@@ -118,8 +125,8 @@ class Ingestor:
             status=InstanceStatus.REJECTED,
             dimse_status=int(status),
             reason=reason,
-            sop_instance_uid=request.sop_instance_uid or None,
-            sop_class_uid=request.sop_class_uid or None,
+            sop_instance_uid=_uid_or_none(request.sop_instance_uid),
+            sop_class_uid=_uid_or_none(request.sop_class_uid),
             size_bytes=len(request.data),
             sha256=hashlib.sha256(request.data).hexdigest(),
         )
@@ -129,6 +136,30 @@ class Ingestor:
                 add_event(session, "instance.rejected", ("association", request.association_id), self.actor, reason)
         except SQLAlchemyError as error:
             log.error("audit write failed while refusing an instance: %s", error)
+
+
+def check_request(request: StoreRequest) -> None:
+    """The C-STORE request names a valid SOP instance and class, the class its context was negotiated for.
+
+    issue 9: pynetdicom leaves a request with an empty AffectedSOPInstanceUID unanswered,
+    and serves a C-STORE whatever context it arrives on.
+    """
+    for name, value in (("AffectedSOPInstanceUID", request.sop_instance_uid),
+                        ("AffectedSOPClassUID", request.sop_class_uid)):  # fmt: skip
+        if not _uid_or_none(value):
+            what = "empty" if not value else f"{value[:80]!r}, not a valid UID"
+            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, f"the C-STORE request's {name} is {what}")
+    if request.context_sop_class is not None and request.context_sop_class != request.sop_class_uid:
+        raise InstanceRejectedError(
+            StoreStatus.SOP_CLASS_NOT_SUPPORTED,
+            f"C-STORE of SOP class {request.sop_class_uid} on a presentation context negotiated for "
+            f"{request.context_sop_class[:80]!r}: send each instance on a context for its own class",
+        )
+
+
+def _uid_or_none(value: str) -> str | None:
+    """``value`` when it is a valid UID (what an audit column may hold), else None."""
+    return value if value and UID(value).is_valid else None
 
 
 def _instance_values(

@@ -15,7 +15,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from pydicom.uid import UID
 from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
@@ -26,6 +28,7 @@ from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, StoreRequest
 from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
+from node.supervision import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +124,20 @@ def handle_conn_open(event: Any) -> None:
     # waits up to that long before it is sent. The thread lives only as long as this
     # connection, so the faster poll costs CPU only while a peer is connected.
     event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS  # a private attribute: no public setting
+    run_checks_first(event.assoc)
+
+
+def run_checks_first(assoc: Any) -> None:
+    """Move the association's other EVT_DIMSE_RECV handlers (pynetdicom's logging) after ``handle_dimse_recv``.
+
+    Notification handlers run in order and the first to raise ends the run; pynetdicom's
+    logging handler raises on a C-STORE with an empty SOP class UID, which must still be answered.
+    """
+    others = [(func, args) for func, args in assoc.get_handlers(evt.EVT_DIMSE_RECV) if func is not handle_dimse_recv]
+    for func, _ in others:
+        assoc.unbind(evt.EVT_DIMSE_RECV, func)
+    for func, args in others:
+        assoc.bind(evt.EVT_DIMSE_RECV, func, args)
 
 
 def handle_accepted(event: Any, associations: AssociationLog) -> None:
@@ -159,14 +176,62 @@ def handle_store(event: Any, ingestor: Ingestor, associations: AssociationLog) -
             sop_class_uid=str(event.request.AffectedSOPClassUID),
             sop_instance_uid=str(event.request.AffectedSOPInstanceUID),
             association_id=associations.row_id(event.assoc),
+            context_sop_class=str(event.context.abstract_syntax),
         )
         result = ingestor.receive(request)
-    except Exception:  # the handler boundary: nothing may escape into pynetdicom's thread
-        log.exception("unexpected failure while storing an instance")
+    except Exception as error:  # noqa: BLE001 - the handler boundary: nothing may escape into pynetdicom's thread
+        log.error("unexpected failure while storing an instance (%s)", describe_error(error))
         return int(StoreStatus.PROCESSING_FAILURE)
     if result.study_uid is not None:
         associations.note_study(event.assoc, result.study_uid)
     return int(result.status)
+
+
+_C_STORE_RQ = 0x0001
+
+
+def handle_dimse_recv(event: Any, ingestor: Ingestor, associations: AssociationLog) -> None:
+    """Answer a C-STORE request whose SOP instance or class UID is empty or invalid, at once.
+
+    pynetdicom ignores a request with an empty UID (the peer waits for its network
+    timeout) and aborts the association on one it cannot decode, logging the value.
+    Here, before it decodes the command, such a request gets its failure status and
+    an audit row; its bad UIDs are then blanked, so pynetdicom drops the message.
+    """
+    try:
+        command = event.message.command_set
+        if command.get("CommandField") != _C_STORE_RQ:
+            return
+        uids = {name: str(command.get(name, "") or "") for name in ("AffectedSOPClassUID", "AffectedSOPInstanceUID")}
+        if all(value and UID(value).is_valid for value in uids.values()):
+            return  # the common case: pynetdicom serves it, handle_store checks the rest
+        _refuse_bad_store_request(event, ingestor, associations, uids)
+    except Exception as error:  # noqa: BLE001 - the handler boundary: nothing may escape into the DUL thread
+        log.error("unexpected failure while checking a C-STORE request (%s)", describe_error(error))
+
+
+def _refuse_bad_store_request(
+    event: Any, ingestor: Ingestor, associations: AssociationLog, uids: dict[str, str]
+) -> None:
+    message, command = event.message, event.message.command_set
+    data = getattr(message.data_set, "getvalue", bytes)()
+    result = ingestor.receive(StoreRequest(
+        data=data if isinstance(data, bytes) else b"",
+        sop_class_uid=uids["AffectedSOPClassUID"],
+        sop_instance_uid=uids["AffectedSOPInstanceUID"],
+        association_id=associations.row_id(event.assoc),
+    ))  # fmt: skip
+    for name, value in uids.items():
+        if not (value and UID(value).is_valid):
+            setattr(command, name, "")  # pynetdicom now finds no valid request and drops it
+    if command.get("MessageID") is None:
+        return  # nothing to answer to
+    response = C_STORE()
+    response.MessageIDBeingRespondedTo = int(command.MessageID)
+    response.Status = int(result.status)
+    if UID(uids["AffectedSOPClassUID"]).is_valid:
+        response.AffectedSOPClassUID = uids["AffectedSOPClassUID"]
+    event.assoc.dimse.send_msg(response, message.context_id)
 
 
 # -- the received instance as a DICOM file ---------------------------------------------
@@ -278,6 +343,7 @@ class StorageSCP:
             (evt.EVT_ABORTED, handle_aborted, [self.associations]),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, handle_store, [self.ingestor, self.associations]),
+            (evt.EVT_DIMSE_RECV, handle_dimse_recv, [self.ingestor, self.associations]),
         ]
 
     def start(self) -> int:

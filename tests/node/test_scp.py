@@ -12,14 +12,15 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
 from node.audit.models import Association, AssociationOutcome, Instance, InstanceStatus
 from node.config import Peer
 from node.errors import StoreStatus
 from node.scu import FileToSend, send_files
-from tests.factories import dataset_body, make_image, write, write_study
+from tests.factories import CT_IMAGE, DX_FOR_PRESENTATION, dataset_body, make_image, write, write_study
+from tests.node.raw_dimse import context_ids, encode_body, send_raw_store
 from tests.peers import require_tool
 
 # pydicom's bundled files, one per transfer syntax family, and the storescu option proposing it
@@ -200,3 +201,73 @@ def test_scp_wrong_called_ae_rejected(running_node: Any) -> None:
         echo(Peer(ae_title="SOMEONEELSE", host="127.0.0.1", port=service.port), "GVRSCU")
     rows = _wait_rows(service, Association, 1)
     assert [row.outcome for row in rows] == [AssociationOutcome.REJECTED]
+
+
+# -- issue 9: requests pynetdicom itself would not send -----------------------------------
+
+
+@pytest.fixture
+def raw_association(running_node: Any) -> Any:
+    """(node, association) proposing DX and CT on explicit VR little endian, released at teardown."""
+    from pynetdicom import AE
+
+    service = running_node()
+    ae = AE(ae_title="GVRSCU")
+    for sop_class in (DX_FOR_PRESENTATION, CT_IMAGE):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", service.port, ae_title="GVRNODE")
+    assert assoc.is_established
+    yield service, assoc
+    if assoc.is_established:
+        assoc.release()
+
+
+CLASS_MISMATCHES = [  # (the request's SOP class, the status, what the audit reason says)
+    (DX_FOR_PRESENTATION, StoreStatus.SOP_CLASS_NOT_SUPPORTED, "context negotiated for '1.2.840.10008.5.1.4.1.1.2'"),
+    (CT_IMAGE, StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS, "differs from the request's"),
+]
+
+
+@pytest.mark.parametrize(("request_class", "status", "reason"), CLASS_MISMATCHES, ids=["dx-request", "ct-request"])
+def test_scp_store_on_context_for_other_class_refused(
+    raw_association: Any, request_class: str, status: StoreStatus, reason: str
+) -> None:
+    """A DX instance on the context negotiated for CT is refused and audited, never stored: 0x0122 when the
+    request names DX, 0xA900 when it names CT (the data set then contradicts it)."""
+    service, assoc = raw_association
+    ds = make_image(generate_uid())  # DX for presentation
+    answer = send_raw_store(assoc, encode_body(ds), request_class, ds.SOPInstanceUID, context_ids(assoc)[CT_IMAGE])
+    assert answer.status == status
+    [row] = _instances(service)
+    assert (row.status, row.dimse_status) == (InstanceStatus.REJECTED, status)
+    assert reason in (row.reason or "")
+    assert not list(service.spool.incoming.rglob("*.dcm"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("instance", ""), ("class", ""), ("instance", "1.2.3\r\n2030-01-01 00:00:00,000 INFO gvr.node: FORGED")],
+    ids=["empty-instance", "empty-class", "crlf-instance"],
+)
+def test_scp_store_with_bad_request_uid_answered_at_once(raw_association: Any, field: str, value: str) -> None:
+    """An empty or invalid Affected SOP Instance/Class UID gets 0xC000 at once (no network timeout), an audit
+    row with the value escaped, and the association goes on: the next good instance is stored."""
+    service, assoc = raw_association
+    ds = make_image(generate_uid())
+    sop_class, sop_instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    if field == "instance":
+        sop_instance = value
+    else:
+        sop_class = value
+    cx = context_ids(assoc)[DX_FOR_PRESENTATION]
+    answer = send_raw_store(assoc, encode_body(ds), sop_class, sop_instance, cx, wait=5)
+    assert answer.status == StoreStatus.CANNOT_UNDERSTAND
+    assert answer.seconds < 2, "answered at once, not after a timeout"
+    assert assoc.is_established
+    good = make_image(generate_uid(), seed=1)
+    assert send_raw_store(assoc, encode_body(good), DX_FOR_PRESENTATION, good.SOPInstanceUID, cx).status == 0
+    rejected, accepted = _wait_rows(service, Instance, 2)
+    assert (rejected.status, rejected.dimse_status) == (InstanceStatus.REJECTED, StoreStatus.CANNOT_UNDERSTAND)
+    assert rejected.sop_instance_uid is None or rejected.sop_instance_uid == ds.SOPInstanceUID
+    assert "\n" not in (rejected.reason or "") and "\r" not in (rejected.reason or "")
+    assert accepted.status == InstanceStatus.ACCEPTED
