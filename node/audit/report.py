@@ -8,6 +8,7 @@ before anything is shown.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.audit.models import Association, Event, Instance, InstanceStatus, Job, Study
+from node.log_hygiene import escape_controls
 
 ASSOCIATION_COLUMNS = ("id", "started_at", "ended_at", "calling_ae", "called_ae", "peer", "outcome", "tls",
                        "instances", "reason")  # fmt: skip
@@ -65,6 +67,10 @@ class AuditReport:
             name: [{key: _json_value(value) for key, value in row.items()} for row in getattr(self, name)]
             for name in ("associations", "studies", "jobs", "events")
         }
+
+    def json_text(self) -> str:
+        """``as_json`` as indented JSON text: control characters escaped, DEL too (json leaves it raw)."""
+        return json.dumps(self.as_json(), indent=2, ensure_ascii=True).replace("\x7f", "\\u007f")
 
     def render(self, max_width: int = 48) -> str:
         """Aligned plain-text tables, one per list, times in UTC."""
@@ -234,8 +240,8 @@ def _cell(value: Any, max_width: int) -> str:
         text = "yes" if value else "no"
     elif isinstance(value, datetime):
         text = _as_utc(value).strftime("%Y-%m-%d %H:%M:%S")
-    else:
-        text = " ".join(str(value).split())
+    else:  # peer strings (AE titles, reasons quoting header values) never drive the terminal
+        text = escape_controls(" ".join(str(value).split()))
     return text if len(text) <= max_width else text[: max_width - 3] + "..."
 
 

@@ -7,7 +7,6 @@ Read-only: it never creates or migrates the database. Tables for people,
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("audit database %s: %s", safe_url(url), error)
         return 1
     try:
-        print(json.dumps(report.as_json(), indent=2) if args.json else report.render(), flush=True)
+        print(report.json_text() if args.json else report.render(), flush=True)
     except BrokenPipeError:  # `gvr audit | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

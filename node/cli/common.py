@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from node import log_hygiene
 from node.config import Settings, load_settings
 
 
@@ -23,6 +24,8 @@ def setup_logging(verbose: bool = False) -> None:
     )
     logging.getLogger("pynetdicom").setLevel(logging.WARNING if not verbose else logging.INFO)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    # issue 9: peer strings are escaped, library messages and warnings carry no element values
+    log_hygiene.install(logging.getLogger().handlers)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:

@@ -284,3 +284,28 @@ def test_render_table_truncates_long_cells_and_marks_empty() -> None:
     table = render_table(("a", "b"), [{"a": "x" * 30, "b": None}], max_width=10)
     assert table.splitlines()[2] == "xxxxxxx...  -"
     assert render_table(("a",), []) == "(none)"
+
+
+def test_audit_escapes_control_characters_from_peers(clean_env: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """issue 9: ESC, CR LF, DEL and bidi overrides a peer put in the audit DB (an AE title, a reason quoting a
+    header value) reach neither the table nor ``--json`` raw; the JSON stays valid and keeps the values."""
+    url = f"sqlite:///{clean_env / 'audit.sqlite3'}"
+    upgrade(url)
+    hostile = "CHEST\x1b[2J\x1b]0;owned\x07\r\nFORGED\x7f\u202e"
+    audit = AuditDB(url)
+    with audit.session() as session:
+        session.add(Association(calling_ae="EVIL\x1b[31m", called_ae="GVRNODE", peer_ip="127.0.0.1", peer_port=1,
+                                outcome=AssociationOutcome.REJECTED, reason=f"calling AE {hostile}"))  # fmt: skip
+        session.add(Study(study_uid=STUDY_UID, state=StudyState.NO_ELIGIBLE, reason=f"body part {hostile}"))
+        session.flush()
+        add_event(session, "study.no_eligible", ("study", STUDY_UID), "node", f"skipped: {hostile}", {"part": hostile})
+    audit.dispose()
+    for argv in ([], ["--json"]):
+        assert audit_cmd.main(argv) == 0
+        out = capsys.readouterr().out
+        raw = [c for c in out if (ord(c) < 0x20 and c != "\n") or 0x7F <= ord(c) <= 0x9F or c == "\u202e"]
+        assert raw == [], f"gvr audit {argv} printed control characters raw: {raw!r}"
+        assert not any(line.startswith("FORGED") for line in out.splitlines())
+    report = json.loads(out)
+    assert report["events"][0]["details"] == {"part": hostile}  # escaped on the wire, the same value parsed
+    assert report["studies"][0]["reason"] == f"body part {hostile}"
