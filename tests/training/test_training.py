@@ -24,9 +24,9 @@ from training.data import (
 from training.evaluate import bootstrap_auc, evaluate_bundle, operating_point, roc_auc
 from training.export import export_bundle
 from training.progress import read_state
-from training.train_classifier import ClassifierTraining, fit, overfit_classifier, select_classifier
 from training.train_autoencoder import AutoencoderTraining, ssim, train_autoencoder
-from training.train_encoder import EncoderTraining, train_encoder, load_encoder
+from training.train_classifier import ClassifierTraining, fit, overfit_classifier, select_classifier
+from training.train_encoder import EncoderTraining, load_encoder, train_encoder
 from training.train_generator import GeneratorTraining, load_generator, train_generator
 
 ARCH = ArchitectureConfig(resolution=32, latent_dim=16, generator_channels=8, critic_channels=8, encoder_channels=8)
