@@ -113,10 +113,12 @@ def test_bundle_manifest_round_trips_through_json(tmp_path: Path) -> None:
 
 
 def test_default_bundle_path_is_the_demo_bundle() -> None:
-    """The shipped demo bundle loads, verified, at 64 x 64."""
+    """The shipped demo bundle loads, verified, at the paper's 128 x 128, with a fixed overlay colour scale."""
     assert default_bundle_path() == DEMO_BUNDLE
     if not (DEMO_BUNDLE / MANIFEST_FILE).exists():
         pytest.skip("the demo bundle is not trained yet: scripts/train-demo-bundle.sh")
     bundle = load_bundle(DEMO_BUNDLE)
-    assert bundle.manifest.resolution == 64
-    assert bundle.encoder.encode(torch.zeros(1, 1, 64, 64)).shape == (1, bundle.manifest.latent_dim)
+    assert bundle.manifest.resolution == 128
+    assert bundle.manifest.architecture.generator_body == "upsample"
+    assert bundle.manifest.rationale_scale is not None and 0 < bundle.manifest.rationale_scale <= 1
+    assert bundle.encoder.encode(torch.zeros(1, 1, 128, 128)).shape == (1, bundle.manifest.latent_dim)
