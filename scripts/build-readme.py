@@ -19,9 +19,9 @@ DOCS = ROOT / "docs"
 def section(name: str, level: int = 2) -> str:
     """A docs file as a README section: headings pushed to ``level``, links made relative to the root."""
     text = (DOCS / name).read_text().strip()
-    top = min(len(m) for m in re.findall(r"^(#+) ", text, flags=re.M))
+    top = min(len(m) for m in re.findall(r"^(#+) ", text, flags=re.MULTILINE))
     shift = level - top
-    text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + shift) + " ", text, flags=re.M)
+    text = re.sub(r"^(#+) ", lambda m: "#" * (len(m.group(1)) + shift) + " ", text, flags=re.MULTILINE)
     return re.sub(r"\]\((?!http|#|docs/)([^)]+\.(?:png|md|gif))\)", r"](docs/\1)", text)
 
 
