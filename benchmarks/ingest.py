@@ -32,6 +32,8 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from tests.peers_dcmtk import DcmtkNotFound, dcmtk_tool
+
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 NODE_AET = "GVRNODE"
 STORESCP_AET = "STORESCP"
@@ -162,7 +164,8 @@ def dcmtk_env() -> dict[str, str]:
 
 def send_all(source: Path, called_aet: str, port: int, receiver: subprocess.Popen[bytes], count: int) -> Run:
     """One ``storescu`` association with every file in ``source``; timed start to exit."""
-    command = ["storescu", "-aet", SCU_AET, "-aec", called_aet, "127.0.0.1", str(port), "+sd", str(source)]
+    storescu = dcmtk_tool("storescu")
+    command = [storescu, "-aet", SCU_AET, "-aec", called_aet, "127.0.0.1", str(port), "+sd", str(source)]
     cpu_before = cpu_seconds(receiver.pid)
     started = time.perf_counter()
     done = subprocess.run(command, env=dcmtk_env(), capture_output=True, timeout=SEND_TIMEOUT_S, check=False)
@@ -212,7 +215,7 @@ def bench_storescp(source: Path, count: int, work: Path) -> Run:
     """dcmtk ``storescp`` writing each instance to a folder (no fsync, no index)."""
     out, port = work / "storescp-data", free_port()
     out.mkdir()
-    command = ["storescp", "-od", str(out), "-aet", STORESCP_AET, str(port)]
+    command = [dcmtk_tool("storescp"), "-od", str(out), "-aet", STORESCP_AET, str(port)]
     with running(command, dcmtk_env(), port, work / "storescp.log") as storescp:
         run = send_all(source, STORESCP_AET, port, storescp, count)
     files = sum(1 for _ in out.iterdir())
@@ -289,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     if count < 1 or repeats < 1:
         print("--count and --repeats must be at least 1", file=sys.stderr)
         return 2
-    missing = [tool for tool in ("storescu", "storescp") if shutil.which(tool) is None]
-    if missing:
-        print(f"missing {', '.join(missing)}: apt-get install dcmtk", file=sys.stderr)
+    try:  # dcmtk's, not pynetdicom's same-named apps in the venv
+        tools = [dcmtk_tool(tool) for tool in ("storescu", "storescp")]
+    except DcmtkNotFound as error:
+        print(error, file=sys.stderr)
         return 2
+    print("dcmtk: " + ", ".join(tools), file=sys.stderr)
     with (
         tempfile.TemporaryDirectory(prefix="gvr-bench-src-") as source_dir,
         tempfile.TemporaryDirectory(prefix="gvr-bench-", dir=args.data_root) as work_dir,

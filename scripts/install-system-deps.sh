@@ -4,7 +4,15 @@
 # a missing tool skip with that command as the reason.
 set -euo pipefail
 need=()
-command -v storescu       >/dev/null || need+=(dcmtk)
+# pynetdicom puts its own storescu in the venv: only a storescu whose --version names dcmtk counts
+have_dcmtk() {
+    local dir IFS=:
+    for dir in $PATH; do
+        [ -x "$dir/storescu" ] && "$dir/storescu" --version 2>/dev/null | grep -qi dcmtk && return 0
+    done
+    return 1
+}
+have_dcmtk                          || need+=(dcmtk)
 command -v dciodvfy       >/dev/null || need+=(dicom3tools)
 command -v Orthanc        >/dev/null || need+=(orthanc)
 command -v redis-server   >/dev/null || need+=(redis-server)

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from tests.peers_dcmtk import DcmtkNotFound, dcmtk_tool
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -139,7 +141,16 @@ def _tail(log: Path | None) -> str:
 
 
 def require_tool(name: str, package: str) -> str:
-    """The tool's path, or skip the test naming the Debian package to install."""
+    """The tool's path, or skip the test naming the Debian package to install.
+
+    dcmtk's tools resolve through ``tests.peers_dcmtk`` (outside the venv, and
+    checked to be dcmtk): pynetdicom puts same-named apps in ``.venv/bin``.
+    """
+    if package == "dcmtk":
+        try:
+            return dcmtk_tool(name)
+        except DcmtkNotFound as error:
+            pytest.skip(str(error))
     path = shutil.which(name)
     if path is None:
         pytest.skip(f"{name} not found: apt-get install {package}")
@@ -188,8 +199,8 @@ def run_storescu(
     told, and converts nothing compressed). The result is not checked: a test
     asserts on ``returncode`` and the output it expects.
     """
-    require_tool("storescu", "dcmtk")
-    command = ["storescu", "-aet", calling_aet, "-aec", called_aet, *options, host, str(port)]
+    storescu = require_tool("storescu", "dcmtk")
+    command = [storescu, "-aet", calling_aet, "-aec", called_aet, *options, host, str(port)]
     command += [str(path) for path in files]
     return subprocess.run(
         command, check=False, env=nodelay_env(), capture_output=True, text=True, timeout=timeout

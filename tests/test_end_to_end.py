@@ -21,7 +21,7 @@ from tests.peers import require_tool
 def test_end_to_end_orthanc_to_node_and_back(tmp_path: Path) -> None:
     """A positive phantom study: Orthanc -> node -> worker -> SCs + SR in the same Orthanc study."""
     require_tool("Orthanc", "orthanc")
-    require_tool("dsrdump", "dcmtk")
+    dsrdump = require_tool("dsrdump", "dcmtk")
     studies = make_studies(tmp_path / "studies", 1)
     study = studies[0]
     with demo_environment(tmp_path, ["gpu,dicom"]) as demo:
@@ -43,7 +43,7 @@ def test_end_to_end_orthanc_to_node_and_back(tmp_path: Path) -> None:
     assert len(instances) == 5 and modalities.count("SR") == 1, modalities
     outbox = tmp_path / "node" / "spool" / "outbox" / job.id
     report = next(p for p in outbox.glob("*.dcm") if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR")
-    dump = subprocess.run(["dsrdump", str(report)], capture_output=True, text=True, check=True).stdout
+    dump = subprocess.run([dsrdump, str(report)], capture_output=True, text=True, check=True).stdout
     assert '"Heart failure")=(52101004,SCT,"Present")' in dump or '"Heart failure")=(272519000,SCT,"Absent")' in dump
 
 

@@ -114,12 +114,12 @@ def test_storescu_sends_every_test_file_to_dcmtk_storescp(
     storescu: Callable[..., Any], tmp_path: Path
 ) -> None:
     """``run_storescu`` with ``storescu_option`` delivers each bundled file in its own transfer syntax."""
-    require_tool("storescp", "dcmtk")
+    storescp = require_tool("storescp", "dcmtk")
     port, received = free_port(), tmp_path / "received"
     received.mkdir()
     log = tmp_path / "storescp.log"
     scp = start_process(
-        ["storescp", "+xa", "+uf", "-od", str(received), "-aet", "GVRNODE", str(port)], log, nodelay_env()
+        [storescp, "+xa", "+uf", "-od", str(received), "-aet", "GVRNODE", str(port)], log, nodelay_env()
     )
     try:
         wait_for_port("127.0.0.1", port, timeout=10, process=scp, log=log)
@@ -135,14 +135,14 @@ def test_storescu_sends_every_test_file_to_dcmtk_storescp(
 
 def test_orthanc_fixture_uploads_and_stores_to_a_modality(orthanc: Orthanc, tmp_path: Path) -> None:
     """Upload through REST, read tags, then C-STORE to a declared storescp modality."""
-    require_tool("storescp", "dcmtk")
+    storescp = require_tool("storescp", "dcmtk")
     ct = next(f for f in pydicom_test_files() if f.path.name == "CT_small.dcm")
     answer = orthanc.upload(ct.path)
     assert orthanc.find_instances() == [answer["ID"]] and orthanc.studies() == [answer["ParentStudy"]]
     assert orthanc.instance_tags(answer["ID"])["SOPInstanceUID"] == ct.sop_instance_uid()
     port, received, log = free_port(), tmp_path / "received", tmp_path / "storescp.log"
     received.mkdir()
-    scp = start_process(["storescp", "-od", str(received), "-aet", "PEER", str(port)], log, nodelay_env())
+    scp = start_process([storescp, "-od", str(received), "-aet", "PEER", str(port)], log, nodelay_env())
     try:
         wait_for_port("127.0.0.1", port, timeout=10, process=scp, log=log)
         orthanc.add_modality("peer", "PEER", "127.0.0.1", port)
@@ -154,9 +154,9 @@ def test_orthanc_fixture_uploads_and_stores_to_a_modality(orthanc: Orthanc, tmp_
 
 def test_node_process_fixture_starts_gvr_node_and_stops_it(node_process: Callable[..., Any]) -> None:
     """``gvr node`` starts from GVR_* variables, answers C-ECHO, and exits cleanly on SIGTERM."""
-    require_tool("echoscu", "dcmtk")
+    echoscu = require_tool("echoscu", "dcmtk")
     node = node_process()
-    command = ["echoscu", "-aet", "GVRTEST", "-aec", "GVRNODE", "127.0.0.1", str(node.port)]
+    command = [echoscu, "-aet", "GVRTEST", "-aec", "GVRNODE", "127.0.0.1", str(node.port)]
     echo = subprocess.run(command, check=False, env=nodelay_env(), capture_output=True, text=True, timeout=30)
     assert echo.returncode == 0, echo.stderr + node.log()
     assert node.stop() == 0, node.log()

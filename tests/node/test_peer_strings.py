@@ -62,13 +62,13 @@ def test_node_log_and_audit_carry_no_peer_value_raw(tmp_path: Path) -> None:
     """storescu sends the name-as-UI, ESC body part instance; pynetdicom a C-STORE whose instance UID holds
     CR LF and a forged log line. The node log has no name, no ESC and no forged line; ``gvr audit`` (table
     and JSON) prints no control character, and its JSON parses."""
-    require_tool("storescu", "dcmtk")
+    storescu = require_tool("storescu", "dcmtk")
     node = NodeProcess(tmp_path).start()
     study_uid = generate_uid()
     try:
         hostile = _hostile_file(study_uid, tmp_path / "in")
         sent = subprocess.run(
-            ["storescu", "-aet", "STORESCU", "-aec", "GVRNODE", "127.0.0.1", str(node.port), str(hostile)],
+            [storescu, "-aet", "STORESCU", "-aec", "GVRNODE", "127.0.0.1", str(node.port), str(hostile)],
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert sent.returncode == 0, sent.stderr

@@ -45,9 +45,9 @@ def _testdata(name: str) -> Path:
 
 
 def _storescu(port: int, files: list[Path], *options: str, aet: str = "STORESCU") -> subprocess.CompletedProcess[str]:
-    require_tool("storescu", "dcmtk")
+    storescu = require_tool("storescu", "dcmtk")
     env = dict(os.environ, TCP_NODELAY="1")
-    command = ["storescu", "-aet", aet, "-aec", "GVRNODE", *options, "127.0.0.1", str(port), *map(str, files)]
+    command = [storescu, "-aet", aet, "-aec", "GVRNODE", *options, "127.0.0.1", str(port), *map(str, files)]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
 
 
