@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from training.data import to_tensor
+from training.evaluate import latents_of
 
 SCALE_PERCENTILE = 75.0
 PIXEL_PERCENTILE = 99.5
@@ -26,8 +27,7 @@ def rationale_scale(bundle: Any, images: np.ndarray, max_images: int = 48, batch
     from inference.rationale import RationaleConfig, explain
 
     with torch.no_grad():
-        z = torch.cat([bundle.encoder.encode(to_tensor(images[i:i + 256])) for i in range(0, len(images), 256)])
-        probabilities = bundle.classifier.predict_proba(z).numpy()
+        probabilities = bundle.classifier.predict_proba(latents_of(bundle.encoder, images)).numpy()
     chosen = np.flatnonzero(probabilities >= bundle.manifest.decision_threshold)[:max_images]
     if chosen.size == 0:
         raise ValueError("no validation image is called positive: cannot fix the overlay's colour scale")

@@ -157,7 +157,7 @@ def evaluate_bundle(bundle: Any, data: LabelledImages, out: Path, bootstrap: int
 
 def _sign_sections(data: LabelledImages, probabilities: np.ndarray, threshold: float,
                    baseline: LabelledImages | None) -> dict[str, Any]:
-    from training.sign_analysis import _safe_auc, phantom_signs, pixel_baseline_auc, seeds_of, sign_report
+    from training.sign_analysis import auc_with_ci, phantom_signs, pixel_baseline_auc, seeds_of, sign_report
 
     sections: dict[str, Any] = {}
     seeds = seeds_of(data.names)
@@ -169,7 +169,7 @@ def _sign_sections(data: LabelledImages, probabilities: np.ndarray, threshold: f
         scores = pixels.pop("scores")
         if severities is not None:
             keep = severities[:, 0] == 0
-            pixels["without_cardiomegaly"] = _safe_auc(data.labels[keep], scores[keep])
+            pixels["without_cardiomegaly"] = auc_with_ci(data.labels[keep], scores[keep])
         sections["pixel_baseline"] = pixels
     return sections
 

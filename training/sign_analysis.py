@@ -36,7 +36,7 @@ def seeds_of(names: tuple[str, ...]) -> list[int] | None:
     return [int(name.removeprefix("phantom-")) for name in names]
 
 
-def _safe_auc(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
+def auc_with_ci(labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:
     if labels.all() or not labels.any():
         return {"auc": None, "auc_ci95": None, "n": len(labels), "positives": int(labels.sum())}
     return {"auc": roc_auc(labels, scores), "auc_ci95": list(bootstrap_auc(labels, scores, 1000)),
@@ -49,7 +49,7 @@ def sign_report(labels: np.ndarray, probabilities: np.ndarray, threshold: float,
     labels = np.asarray(labels, dtype=bool)
     present = severities > 0
     predicted = probabilities >= threshold
-    report: dict[str, Any] = {"without_cardiomegaly": _safe_auc(labels[~present[:, 0]],
+    report: dict[str, Any] = {"without_cardiomegaly": auc_with_ci(labels[~present[:, 0]],
                                                                  probabilities[~present[:, 0]])}
     sensitivity = {}
     for index, name in enumerate(SIGNS):
@@ -96,4 +96,4 @@ def pixel_baseline_auc(train_images: np.ndarray, train_labels: np.ndarray, test_
     model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
     model.fit(pooled_pixels(train_images, cells), np.asarray(train_labels, dtype=bool))
     scores = model.predict_proba(pooled_pixels(test_images, cells))[:, 1]
-    return {"cells": cells, "scores": scores, **_safe_auc(np.asarray(test_labels, dtype=bool), scores)}
+    return {"cells": cells, "scores": scores, **auc_with_ci(np.asarray(test_labels, dtype=bool), scores)}

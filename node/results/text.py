@@ -8,7 +8,7 @@ between words rather than clipped (a clipped "not" changes what a caption says).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from PIL import ImageDraw, ImageFont
 
@@ -34,36 +34,31 @@ def band_height(lines: int, size: int) -> int:
     return line_height(size) * lines + size
 
 
-def _split_words(phrase: str, width: int, face: Font) -> list[str]:
-    """``phrase`` as pieces no wider than ``width`` (a single over-long word stays whole)."""
-    pieces: list[str] = []
+def _pack(pieces: Iterable[str], separator: str, width: int, face: Font) -> list[str]:
+    """Greedy lines of ``pieces`` joined by ``separator``, none wider than ``width`` (an over-wide piece stays whole)."""
+    lines: list[str] = []
     line = ""
-    for word in phrase.split(" "):
-        candidate = f"{line} {word}" if line else word
+    for piece in pieces:
+        candidate = f"{line}{separator}{piece}" if line else piece
         if line and face.getlength(candidate) > width:
-            pieces.append(line)
-            line = word
+            lines.append(line)
+            line = piece
         else:
             line = candidate
-    pieces.append(line)
-    return pieces
+    lines.append(line)
+    return lines
 
 
 def layout(groups: Sequence[Sequence[str]], width: int, size: int) -> list[str]:
-    """The lines of ``groups`` in a band ``width`` pixels wide at font ``size``."""
+    """The lines of ``groups`` in a band ``width`` pixels wide at font ``size``.
+
+    Each phrase is first broken between words, then the pieces of a group share lines, three spaces apart.
+    """
     face = font(size)
     lines: list[str] = []
     for group in groups:
-        line = ""
-        for phrase in group:
-            for piece in _split_words(phrase, width, face):
-                candidate = f"{line}   {piece}" if line else piece
-                if line and face.getlength(candidate) > width:
-                    lines.append(line)
-                    line = piece
-                else:
-                    line = candidate
-        lines.append(line)
+        pieces = [piece for phrase in group for piece in _pack(phrase.split(" "), " ", width, face)]
+        lines.extend(_pack(pieces, "   ", width, face))
     return lines
 
 

@@ -37,14 +37,20 @@ def _data_help() -> str:
     return "image folder (searched recursively: DICOM, PNG, JPEG) or phantoms:START-END[@SIZE]"
 
 
+def _architecture(p: argparse.ArgumentParser, resolution: int, latent: int, networks: str) -> None:
+    """The architecture options of the stages that build a generator (``networks`` names who gets --channels)."""
+    arch = p.add_argument_group("architecture")
+    arch.add_argument("--resolution", type=int, default=resolution, choices=(32, 64, 128, 256),
+                      help="model image side (px)")
+    arch.add_argument("--latent", type=int, default=latent, help="latent size")
+    arch.add_argument("--channels", type=int, default=16, help=f"width of the full-resolution layers ({networks})")
+    arch.add_argument("--max-channels", type=int, default=256, help="widest layer")
+
+
 def _add_generator(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("generator", help="WGAN-GP on unlabelled images", formatter_class=_FMT)
     p.add_argument("--data", required=True, help=_data_help())
-    arch = p.add_argument_group("architecture")
-    arch.add_argument("--resolution", type=int, default=64, choices=(32, 64, 128, 256), help="model image side (px)")
-    arch.add_argument("--latent", type=int, default=100, help="latent size")
-    arch.add_argument("--channels", type=int, default=16, help="width of the full-resolution layers (G and critic)")
-    arch.add_argument("--max-channels", type=int, default=256, help="widest layer")
+    _architecture(p, resolution=64, latent=100, networks="G and critic")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=5000, help="generator updates (total, also with --resume)")
     opt.add_argument("--batch", type=int, default=64, help="images per batch")
@@ -61,11 +67,7 @@ def _add_autoencoder(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     p = sub.add_parser("autoencoder", help="generator and encoder trained together (writes OUT/generator, "
                        "OUT/encoder)", formatter_class=_FMT)
     p.add_argument("--data", required=True, help=_data_help())
-    arch = p.add_argument_group("architecture")
-    arch.add_argument("--resolution", type=int, default=128, choices=(32, 64, 128, 256), help="model image side")
-    arch.add_argument("--latent", type=int, default=128, help="latent size")
-    arch.add_argument("--channels", type=int, default=16, help="width of the full-resolution layers (G and E)")
-    arch.add_argument("--max-channels", type=int, default=256, help="widest layer")
+    _architecture(p, resolution=128, latent=128, networks="G and E")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=int, default=3000, help="updates (total, also with --resume)")
     opt.add_argument("--batch", type=int, default=32, help="images per batch")
