@@ -24,7 +24,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "GVR_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
-_PEER = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_PEER = re.compile(r"^(?P<ae>[^@]*)@(?P<host>[^:@]+):(?P<port>\d+)$")
 
 
 def split_list(value: Any) -> Any:
@@ -38,9 +38,14 @@ def split_list(value: Any) -> Any:
 
 
 def check_ae_title(value: str) -> str:
+    """The AE title without padding; ValueError says which rule it breaks."""
     stripped = value.strip()
-    if not stripped or not _AE_TITLE.match(stripped):
-        raise ValueError(f"invalid AE title {value!r}: 1-16 printable characters, no backslash")
+    if not stripped:
+        raise ValueError("invalid AE title: it is empty (1-16 printable characters)")
+    if len(stripped) > 16:
+        raise ValueError(f"invalid AE title {stripped!r}: AE title longer than 16 characters ({len(stripped)})")
+    if not _AE_TITLE.match(stripped):
+        raise ValueError(f"invalid AE title {value!r}: printable ASCII only, no backslash")
     return stripped
 
 
@@ -61,7 +66,10 @@ class Peer(BaseModel):
         match = _PEER.match(text.strip())
         if not match:
             raise ValueError(f"invalid peer {text!r}: expected AE@host:port, e.g. ORTHANC@127.0.0.1:4242")
-        return cls(ae_title=match["ae"], host=match["host"], port=int(match["port"]))
+        port = int(match["port"])
+        if not 1 <= port <= 65535:  # checked here too, so the CLI's message is a sentence, not pydantic's
+            raise ValueError(f"invalid peer {text!r}: port {port} is not in 1-65535")
+        return cls(ae_title=check_ae_title(match["ae"]), host=match["host"], port=port)
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -128,6 +136,10 @@ class Settings(BaseSettings):
     # -- monitoring (issue 6)
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Prometheus /metrics port of the node, on bind_address; 0 turns it off"
+    )
+    # -- issue 11: a misspelt GVR_* variable stops every command, unless this says to warn only
+    allow_unknown_env: bool = Field(
+        False, description="start even when a GVR_* variable names no setting (a typo); logged as a warning"
     )
 
     @field_validator("ae_title")

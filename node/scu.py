@@ -7,7 +7,8 @@ nothing is ever transcoded; TCP_NODELAY on every socket we open.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node.association_failure import describe_connect, describe_failure
 from node.config import Peer
 from node.scp import set_nodelay
 
@@ -27,7 +29,7 @@ MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
 
 class PeerUnreachableError(ConnectionError):
-    """The peer refused, rejected or dropped the association."""
+    """The peer refused, rejected or dropped the association; the message says which and why."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +63,16 @@ class SendResult:
 def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float = 30.0) -> Iterator[Association]:
     """An established association with TCP_NODELAY; released (or aborted) on exit."""
     ae = AE(ae_title=calling_ae)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.requested_contexts = contexts
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    started = time.monotonic()
+    try:
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+    except OSError as error:  # pynetdicom resolves the host name before it connects
+        reason = describe_connect(peer.host, peer.port, timeout) or str(error)
+        raise PeerUnreachableError(f"{peer}: {reason}") from error
     if not assoc.is_established:
-        raise PeerUnreachableError(f"association with {peer} was refused, rejected or timed out")
+        raise PeerUnreachableError(describe_failure(assoc, peer, calling_ae, timeout, time.monotonic() - started))
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         set_nodelay(assoc.dul.socket.socket)
     try:
@@ -86,15 +93,26 @@ def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
     return int(response.Status)
 
 
-def send_files(files: Iterable[FileToSend], peer: Peer, calling_ae: str, timeout: float = 30.0) -> list[SendResult]:
-    """C-STORE every file, ``MAX_CONTEXTS`` (class, syntax) pairs per association."""
+def send_files(
+    files: Iterable[FileToSend], peer: Peer, calling_ae: str, timeout: float = 30.0,
+    on_result: Callable[[FileToSend, SendResult], None] | None = None,
+) -> list[SendResult]:  # fmt: skip
+    """C-STORE every file, ``MAX_CONTEXTS`` (class, syntax) pairs per association.
+
+    ``on_result`` is called after each C-STORE with the peer's answer, before the
+    next one, so a caller can record what the peer acknowledged even if the
+    association (or this process) dies later.
+    """
     results: list[SendResult] = []
     for batch in _batches_by_context(list(files)):
         contexts = sorted({(f.sop_class_uid, f.transfer_syntax) for f in batch})
         requested = [build_context(sop_class, [syntax]) for sop_class, syntax in contexts]
         with associate(peer, calling_ae, requested, timeout) as assoc:
             for item in batch:
-                results.append(_store_one(assoc, item))
+                result = _store_one(assoc, item)
+                results.append(result)
+                if on_result is not None:
+                    on_result(item, result)
                 if not assoc.is_established:
                     raise PeerUnreachableError(f"{peer} dropped the association after {item.path.name}")
     return results

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from node.cli.common import setup_logging
+from node.cli.common import HelpFormatter, setup_logging
 
 if TYPE_CHECKING:
     from node.artefacts import ModelInfo
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvr explain",
         description="Predict heart failure and draw the Generative Visual Rationale of DICOM (or PNG) files.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="DICOM files (PNG/JPEG also read)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pictures and JSON")

@@ -19,7 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.cli.common import setup_logging
+from node.cli.common import HelpFormatter, setup_logging
 
 log = logging.getLogger("gvr.worker")
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr worker",
         description="Run a Celery worker: queue gpu runs inference.analyze_study, queue dicom "
         "node.deliver_results. Settings come from GVR_* variables and the optional TOML file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", type=Path, default=None, help="TOML settings file (exported as GVR_CONFIG)")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -78,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--queues must name gpu and/or dicom, got %r", args.queues)
         return 2
     _export_settings(args)
-    from node.config import load_settings
+    from node.config_check import checked_settings
 
     try:
-        settings = load_settings()
+        settings = checked_settings()  # issue 11: misspelt GVR_* variables refused, errors as sentences
         from inference.rationale import RationaleConfig
 
         rationale = _rationale_options(args)

@@ -12,11 +12,10 @@ import os
 import sys
 from pathlib import Path
 
-from pydantic import ValidationError
 from sqlalchemy import inspect
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.cli.common import add_config_option, settings_from, setup_logging
+from node.cli.common import HelpFormatter, add_config_option, settings_from, setup_logging
 
 log = logging.getLogger("gvr.audit")
 
@@ -33,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr audit",
         description="Show recent associations, studies (instance counts by status), jobs and events "
         "from the audit database the settings name. Patient names are never shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     scope = parser.add_argument_group("what to show")
     scope.add_argument("--limit", type=_positive, default=20, help="newest rows per list")
@@ -63,11 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from node.audit.report import AuditQuery, UnknownJobError, collect
     from node.cli.db import safe_url
 
+    url = settings_from(args).audit_url
     try:
-        url = settings_from(args).audit_url
         query = AuditQuery(limit=args.limit, study_uid=args.study, job_id=args.job)
-    except (ValidationError, FileNotFoundError, ValueError) as error:
-        log.error("invalid settings or options: %s", error)
+    except ValueError as error:
+        print(f"gvr audit: {error}", file=sys.stderr)
         return 2
     try:
         if not _has_schema(url):

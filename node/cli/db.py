@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from node.cli.common import add_config_option, settings_from, setup_logging
+from node.cli.common import HelpFormatter, add_config_option, settings_from, setup_logging
 
 log = logging.getLogger("gvr.db")
 
@@ -25,18 +25,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr db",
         description="Audit database maintenance. The database is the one the settings name "
         "(GVR_DATABASE_URL, else <data_dir>/audit.sqlite3).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     commands = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     upgrade = commands.add_parser(
         "upgrade", help="create or migrate the schema (idempotent)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     upgrade.add_argument("--revision", default="head", help="Alembic revision to upgrade to")
     add_config_option(upgrade)
     current = commands.add_parser(
         "current", help="print the schema revision of the database",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )  # fmt: skip
     current.add_argument("--check", action="store_true", help="exit 1 unless the database is at head")
     add_config_option(current)

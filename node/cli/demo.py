@@ -10,12 +10,12 @@ import argparse
 import time
 from pathlib import Path
 
-from node.cli.common import setup_logging
+from node.cli.common import HelpFormatter, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gvr demo", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        prog="gvr demo", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--studies", type=int, default=4, help="phantom studies to send (half positive)")
     parser.add_argument("--out", type=Path, default=None, help="folder for everything (default gvr-data/demo-<time>)")

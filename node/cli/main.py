@@ -7,6 +7,7 @@ Each sub-command module has ``build_parser() -> argparse.ArgumentParser`` and
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 
@@ -32,23 +33,46 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(len(name) for name in COMMANDS)
-    lines = ["usage: gvr COMMAND [options]   (gvr COMMAND --help for each)", "", "commands:"]
+    lines = ["usage: gvr COMMAND [options]   (gvr COMMAND --help for each; gvr --version)", "", "commands:"]
     for name, (_module, summary) in COMMANDS.items():
         lines.append(f"  {name.ljust(width)}  {summary}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("gvr-node")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed: pip install -e .)"
+
+
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
     name, rest = args[0], args[1:]
+    if args[0] in ("-V", "--version"):
+        print(f"gvr {version()}")
+        return 0
     if name not in COMMANDS:
-        print(f"gvr: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        close = difflib.get_close_matches(name, COMMANDS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        print(f"gvr: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest))
+    from node.config_check import SettingsError
+
+    try:
+        return int(module.main(rest))
+    except SettingsError as error:  # issue 11: a user's mistake is a sentence and exit 2, not a traceback
+        print(f"gvr {name}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

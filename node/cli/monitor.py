@@ -23,7 +23,7 @@ import sys
 
 from pydantic import ValidationError
 
-from node.cli.common import add_config_option, settings_from, setup_logging
+from node.cli.common import HelpFormatter, add_config_option, settings_from, setup_logging
 from node.cli.status import redacted
 
 log = logging.getLogger("gvr.monitor")
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr monitor",
         description="Run Flower (Celery's web monitor) against the broker in the settings: workers, "
         "queues and every task. Needs the Redis broker and the 'monitor' extra (flower).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_config_option(parser)
     parser.add_argument("--address", default="127.0.0.1", help="address Flower listens on")

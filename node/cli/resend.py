@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import argparse
 
-from node.cli.common import add_config_option, settings_from, setup_logging
-from node.config import Peer
+from node.cli.common import HelpFormatter, add_config_option, peer_argument, settings_from, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gvr resend",
         description="Deliver the result objects (SC and SR) of an INFERRED or FAILED job again.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("job_id", help="the job's id (gvr audit lists them)")
     how = parser.add_argument_group("how")
     how.add_argument("--now", action="store_true", help="deliver in this process instead of queueing it")
     how.add_argument(
-        "--to", dest="destinations", action="append", type=Peer.parse, default=None,
+        "--to", dest="destinations", action="append", type=peer_argument, default=None,
         help="AE@host:port, repeatable; with --now only (default: the configured destinations)",
     )  # fmt: skip
     how.add_argument(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
-from node.cli.common import setup_logging
-from node.config import Peer
+from node.cli.common import HelpFormatter, peer_argument, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,10 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr send",
         description="C-STORE DICOM files (folders are searched recursively), one presentation context "
         "per SOP class and transfer syntax found, so nothing is transcoded.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("paths", nargs="+", type=Path, help="files or folders")
-    parser.add_argument("--to", dest="peer", required=True, type=Peer.parse, help="AE@host:port")
+    parser.add_argument("--to", dest="peer", required=True, type=peer_argument, help="AE@host:port")
     parser.add_argument("--calling-ae", default="GVRSCU", help="our AE title")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per network operation")
     return parser
@@ -33,6 +34,7 @@ def _expand(paths: list[Path]) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # our failure message says it all
     from node.scu import FileToSend, PeerUnreachableError, send_files
 
     files, unreadable = [], 0
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = send_files(files, args.peer, args.calling_ae, args.timeout)
     except PeerUnreachableError as error:
-        print(f"send failed: {error}")
+        print(f"gvr send: failed: {error}", file=sys.stderr)
         return 1
     failed = [r for r in results if not r.ok]
     for result in failed:

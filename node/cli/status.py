@@ -22,7 +22,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from node.celery_app import QUEUE_DICOM, QUEUE_GPU
-from node.cli.common import add_config_option, settings_from, setup_logging
+from node.cli.common import HelpFormatter, add_config_option, settings_from, setup_logging
 from node.config import Settings
 
 log = logging.getLogger("gvr.status")
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr status",
         description="Queue depths, live workers, jobs by state over a recent window and the oldest "
         "unfinished job, read from the broker and the audit DB in the settings.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_config_option(parser)
     parser.add_argument("--window-minutes", type=int, default=60, help="jobs updated within this many minutes")

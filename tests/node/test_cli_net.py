@@ -25,7 +25,7 @@ def test_cli_echo_unreachable_peer_exits_1(capsys: pytest.CaptureFixture[str]) -
     from tests.peers import free_port
 
     assert main(["echo", f"NOBODY@127.0.0.1:{free_port()}", "--timeout", "2"]) == 1
-    assert "echo failed" in capsys.readouterr().out
+    assert "gvr echo: failed:" in capsys.readouterr().err
 
 
 def test_cli_send_folder_stores_every_file(running_node: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -108,7 +108,7 @@ def test_settings_destinations_parse_ae_at_host_port(value: str, monkeypatch: py
         ("GVR_PORT", "70000", "less than or equal to 65535"),
         ("GVR_PORT", "eleven", "valid integer"),
         ("GVR_DESTINATIONS", "PACS@host", "expected AE@host:port"),
-        ("GVR_DESTINATIONS", "PACS@host:99999", "less than or equal to 65535"),
+        ("GVR_DESTINATIONS", "PACS@host:99999", "port 99999 is not in 1-65535"),
         ("GVR_DEVICE", "tpu", "invalid device"),
     ],
 )

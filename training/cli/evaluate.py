@@ -9,10 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+from node.cli.common import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvr evaluate", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True, help="bundle folder (manifest.json + weights)")
     parser.add_argument("--labels", required=True,
                         help="held-out CSV (columns path, bnp) or phantoms:START-END[@SIZE] never used in training")

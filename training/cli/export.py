@@ -8,10 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
+from node.cli.common import HelpFormatter
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gvr export", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--generator", type=Path, required=True, help="folder of `gvr train generator`")
     parser.add_argument("--encoder", type=Path, required=True, help="folder of `gvr train encoder`")
     parser.add_argument("--classifier", type=Path, required=True, help="folder of `gvr train classifier`")

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from node.cli.common import HelpFormatter
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -20,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gvr phantoms",
         description="Write synthetic frontal chest radiographs with heart-failure signs, a pixel mask per "
         "present sign and a labels.csv (BNP, label = BNP >= 100 ng/L, severities, CTR, mask paths).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     what = parser.add_argument_group("what to write")
     what.add_argument("--n", type=int, default=100, help="number of phantoms")

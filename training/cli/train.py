@@ -17,7 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-_FMT = argparse.ArgumentDefaultsHelpFormatter
+from node.cli.common import HelpFormatter
+
+_FMT = HelpFormatter
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
