@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Prometheus /metrics port of the node, on bind_address; 0 turns it off"
     )
+    # -- review page (issue 11): gvr web
+    web_bind_address: str = Field("127.0.0.1", description="address the review page (gvr web) listens on")
+    web_port: int = Field(8080, ge=1, le=65535, description="HTTP port of the review page (gvr web)")
+    web_users_file: Path | None = Field(
+        None, description="review page users, name:scrypt-hash lines (gvr web --add-user NAME); default <data_dir>/web-users"
+    )
     # -- issue 11: a misspelt GVR_* variable stops every command, unless this says to warn only
     allow_unknown_env: bool = Field(
         False, description="start even when a GVR_* variable names no setting (a typo); logged as a warning"

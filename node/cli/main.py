@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("node.cli.demo", "the end-to-end demo on the embedded default"),
     "status": ("node.cli.status", "queue depths, live workers, recent jobs, the oldest unfinished job"),
     "monitor": ("node.cli.monitor", "run Flower (web monitoring) against the broker"),
+    "web": ("node.cli.web", "the review page: jobs, timelines, pictures, re-send/re-run (login)"),
 }
 
 

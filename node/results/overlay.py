@@ -208,7 +208,8 @@ def overlay_alpha(rationale: np.ndarray, scale: float) -> np.ndarray:
     return alpha
 
 
-def _blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
+def blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
+    """The display image with the rationale tinted over it, RGB in [0, 1], no bar or caption (the review page)."""
     alpha = overlay_alpha(rationale, scale)[..., None]
     grey = np.repeat(base[..., None], 3, axis=-1)
     blended: np.ndarray = (1.0 - alpha) * grey + alpha * diverging_colours(rationale / scale)
@@ -269,7 +270,7 @@ def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) ->
     marked = caption.marked_layout(columns + bar_width - size, size)
     canvas = Image.new("RGB", (columns + bar_width, rows + text.band_height(len(marked), size)), (0, 0, 0))
     if caption.shows_rationale:
-        picture = _blend(base, rationale, caption.rationale_scale)
+        picture = blend(base, rationale, caption.rationale_scale)
     else:
         picture = np.repeat(base[..., None], 3, axis=-1)
     canvas.paste(Image.fromarray(_to_uint8(picture), "RGB"), (0, 0))
