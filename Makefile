@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale clean
+.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale bench-web clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-rationale: $(STAMP)
 ## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
 bench-e2e: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.e2e
+
+## Review page (gvr web): server time per page with 10,000 jobs in a private SQLite audit DB.
+bench-web: $(STAMP)
+	$(BIN)/python -m benchmarks.web
 
 clean:
 	rm -rf $(VENV) gvr-data .pytest_cache

@@ -153,9 +153,10 @@ def _conditions(filters: JobFilters, keyed_study_ids: list[int]) -> list[ColumnE
     return where
 
 
-def list_jobs(session: Session, filters: JobFilters, page_size: int = PAGE_SIZE) -> JobPage:
+def list_jobs(session: Session, filters: JobFilters, keys: StudyKeys | None = None,
+              page_size: int = PAGE_SIZE) -> JobPage:  # fmt: skip
     """One page of jobs, newest first, and how many match in all."""
-    where = _conditions(filters, _studies_with_key(session, filters.q))
+    where = _conditions(filters, (keys or StudyKeys()).study_ids(session, filters.q))
     base: Select[Job, str] = select(Job, Study.study_uid).join(Study, Job.study_id == Study.id).where(and_(true(), *where))
     total = int(session.scalar(select(func.count()).select_from(base.subquery())) or 0)
     pages = max((total + page_size - 1) // page_size, 1)
@@ -166,12 +167,25 @@ def list_jobs(session: Session, filters: JobFilters, page_size: int = PAGE_SIZE)
     return JobPage([_row(job, study_uid) for job, study_uid in rows], total, page, pages)
 
 
-def _studies_with_key(session: Session, text: str) -> list[int]:
-    """Studies whose key (``node.study_key``) is ``text``: hashed here, as the audit keeps no key column."""
-    if not looks_like_key(text):
-        return []
-    studies = session.execute(select(Study.id, Study.study_uid)).all()
-    return [study_id for study_id, uid in studies if study_key(uid) == text]
+class StudyKeys:
+    """Study id -> key (``node.study_key``), hashed once per study: the audit keeps no key column.
+
+    Studies are never deleted and ids only grow, so each search hashes just the
+    studies added since the last one; thread-safe enough for a dict that only grows.
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[int, str] = {}
+        self._last_id = 0
+
+    def study_ids(self, session: Session, key: str) -> list[int]:
+        if not looks_like_key(key):
+            return []
+        new = session.execute(select(Study.id, Study.study_uid).where(Study.id > self._last_id)).all()
+        for study_id, uid in new:
+            self._keys[study_id] = study_key(uid)
+            self._last_id = max(self._last_id, study_id)
+        return [study_id for study_id, known in self._keys.items() if known == key]
 
 
 def _row(job: Job, study_uid: str) -> JobRow:

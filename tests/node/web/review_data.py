@@ -44,8 +44,8 @@ def review_settings(tmp_path: Path, **overrides: Any) -> Settings:
     return settings
 
 
-def fill(settings: Settings, specs: list[tuple[JobState, bool | None, bool]]) -> list[ReviewJob]:
-    """One study and job per (state, positive, ood); jobs with a result get spool artefacts."""
+def fill(settings: Settings, specs: list[tuple[JobState, bool | None, bool]], size: int = SIZE) -> list[ReviewJob]:
+    """One study and job per (state, positive, ood); jobs with a result get spool artefacts (size x size)."""
     audit = AuditDB(settings.audit_url)
     Base.metadata.create_all(audit.engine)
     spool = Spool(settings.spool_dir)
@@ -53,16 +53,16 @@ def fill(settings: Settings, specs: list[tuple[JobState, bool | None, bool]]) ->
     start = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
     try:
         for index, (state, positive, ood) in enumerate(specs):
-            made.append(_one(audit, spool, start + timedelta(days=index), state, positive, ood, index))
+            made.append(_one(audit, spool, start + timedelta(days=index), state, positive, ood, index, size))
     finally:
         audit.dispose()
     return made
 
 
 def _one(audit: AuditDB, spool: Spool, at: datetime, state: JobState, positive: bool | None, ood: bool,
-         seed: int) -> ReviewJob:  # fmt: skip
+         seed: int, size: int) -> ReviewJob:  # fmt: skip
     study_uid = generate_uid()
-    ds = make_image(study_uid, size=SIZE, seed=seed)
+    ds = make_image(study_uid, size=size, seed=seed)
     path = write(ds, spool.incoming / study_uid)
     job_id = generate_uid(prefix=None).replace(".", "")[:32]
     with audit.session() as session:
@@ -80,19 +80,20 @@ def _one(audit: AuditDB, spool: Spool, at: datetime, state: JobState, positive: 
         session.add(JobImage(job_id=job_id, instance_id=instance.id))
         add_event(session, "job.enqueued", ("job", job_id), "test:1:node", "sent to queue gpu")
         if positive is not None:
-            image = _write_result(spool, job_id, ds.SOPInstanceUID, str(path), positive, ood)
+            image = _write_result(spool, job_id, ds.SOPInstanceUID, str(path), positive, ood, size)
             job.result = {"model": MODEL.name, "version": MODEL.version, "threshold": MODEL.threshold,
                           "images": [{k: v for k, v in asdict(image).items() if k != "source_path"}]}  # fmt: skip
             add_event(session, "job.inferred", ("job", job_id), "test:2:worker", "1 image(s) explained in 2.0 s")
     return ReviewJob(job_id, study_uid, state, positive, ood)
 
 
-def _write_result(spool: Spool, job_id: str, sop_uid: str, path: str, positive: bool, ood: bool) -> ImageResult:
+def _write_result(spool: Spool, job_id: str, sop_uid: str, path: str, positive: bool, ood: bool,
+                  size: int) -> ImageResult:  # fmt: skip
     probability = 0.9 if positive else 0.1
     image = ImageResult(key=sop_uid, source_sop_instance_uid=sop_uid, source_path=path, probability=probability,
                         probability_healthy=0.2, positive=positive, steps=30, ood_score=0.3 if ood else 0.02,
                         ood_flag=ood)  # fmt: skip
-    rationale = np.zeros((SIZE, SIZE), np.float32)
-    rationale[30:60, 20:50] = 0.1  # a patch the overlay tints at full colour
+    rationale = np.zeros((size, size), np.float32)
+    rationale[size * 3 // 10 : size * 6 // 10, size // 5 : size // 2] = 0.1  # a patch tinted at full colour
     write_job_result(spool.results, JobResult(job_id, MODEL, "cpu", (image,), 2.0), {sop_uid: {"rationale": rationale}})
     return image
