@@ -15,6 +15,7 @@ model space (a rationale) can be drawn back onto the original pixels.
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+from node.limits import LimitExceededError, ResourceLimits, check_encoded, check_image_header, check_spacing
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -105,12 +108,19 @@ def normalise_intensity(values: np.ndarray) -> np.ndarray:
 
 
 def array_to_model_image(
-    intensity: np.ndarray, resolution: int, spacing: tuple[float, float] = (1.0, 1.0)
+    intensity: np.ndarray, resolution: int, spacing: tuple[float, float] = (1.0, 1.0),
+    limits: ResourceLimits | None = None,
 ) -> tuple[np.ndarray, Geometry]:
     """Display-ready intensities (brighter = more attenuation) -> model image and geometry.
 
-    ``spacing`` is (row spacing, column spacing) in any unit; only its ratio matters.
+    ``spacing`` is (row spacing, column spacing) in any unit; only its ratio matters, and
+    it is bounded by ``limits.max_spacing_ratio`` before the padded grid is allocated
+    (issue 9: ``1\\0.000000001`` asked for 14.9 TiB).
     """
+    try:
+        check_spacing(spacing, limits or ResourceLimits())
+    except LimitExceededError as exc:
+        raise UnusableImageError(exc.reason) from exc
     if intensity.ndim != 2:
         raise UnusableImageError(f"expected a 2-D grayscale image, got shape {intensity.shape}")
     rows, cols = intensity.shape
@@ -163,25 +173,60 @@ def check_usable(ds: Dataset) -> None:
         raise UnusableImageError(f"image is {rows} x {cols} pixels; at least {MIN_SIDE} px on each side is needed")
 
 
-def dicom_to_model_image(ds: Dataset, resolution: int) -> tuple[np.ndarray, Geometry]:
+def dicom_to_model_image(
+    ds: Dataset, resolution: int, limits: ResourceLimits | None = None
+) -> tuple[np.ndarray, Geometry]:
     """A pydicom Dataset -> (float32 ``R x R`` in [-1, 1], Geometry).
 
     Raises:
-        UnusableImageError: no pixel data, colour, multi-frame, or smaller than 64 px.
+        UnusableImageError: no pixel data, colour, multi-frame, smaller than 64 px, or over
+            a resource limit (checked from the header before the pixels are decoded).
     """
     from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
+    limits = limits or ResourceLimits()
     check_usable(ds)
+    try:
+        check_image_header(ds, limits)
+    except LimitExceededError as exc:
+        raise UnusableImageError(exc.reason) from exc
     try:
         stored = ds.pixel_array
     except Exception as exc:  # pydicom raises several types for undecodable pixel data
-        raise UnusableImageError(f"pixel data cannot be decoded: {exc}") from exc
+        # the type only: decoder messages may quote the data
+        raise UnusableImageError(f"pixel data cannot be decoded ({type(exc).__name__})") from exc
     values = apply_modality_lut(stored, ds).astype(np.float64)
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
         values = np.asarray(apply_voi_lut(values, ds, prefer_lut=True), dtype=np.float64)
     if str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
         values = values.max() + values.min() - values
-    return array_to_model_image(values, resolution, _dicom_spacing(ds))
+    return array_to_model_image(values, resolution, _dicom_spacing(ds), limits)
+
+
+def spooled_dicom_to_model_image(
+    path: Path | str, resolution: int, limits: ResourceLimits
+) -> tuple[np.ndarray, Geometry]:
+    """A received instance -> model image, each resource limit checked again before anything is inflated or decoded.
+
+    The node checked the same limits when it stored the file; the worker's settings, or
+    the file, may differ, and the worker is the one that decodes.
+    """
+    import pydicom
+
+    try:
+        if Path(path).stat().st_size > limits.max_instance_bytes:
+            raise UnusableImageError(f"the file is larger than {limits.max_instance_bytes // 2**20} MB (max_instance_mb)")
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UnusableImageError(f"cannot read the spooled file ({exc.strerror or type(exc).__name__})") from exc
+    try:
+        check_encoded(data, limits)
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except LimitExceededError as exc:
+        raise UnusableImageError(exc.reason) from exc
+    except Exception as exc:  # untrusted bytes: pydicom, zlib and struct raise many types
+        raise UnusableImageError(f"not a readable DICOM file ({type(exc).__name__})") from exc
+    return dicom_to_model_image(ds, resolution, limits)
 
 
 def is_dicom_file(path: Path) -> bool:

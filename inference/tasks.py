@@ -32,7 +32,7 @@ from sqlalchemy.exc import OperationalError
 
 from inference.bundle import Bundle
 from inference.predict import ImageExplanation, artefact_maps, explain_images, resolve_bundle
-from inference.preprocess import Geometry, UnusableImageError, dicom_to_model_image
+from inference.preprocess import Geometry, UnusableImageError, spooled_dicom_to_model_image
 from inference.rationale import RationaleConfig
 from inference.worker_app import RATIONALE_CONF_KEY
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
@@ -40,7 +40,9 @@ from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Job, JobState, utcnow
 from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, attempts_exhausted, job_id_argument
 from node.config import Settings, load_settings
+from node.limits import ResourceLimits
 from node.spool import Spool, uid_to_filename
+from node.supervision import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -132,23 +134,28 @@ def _start(ctx: WorkerContext, job_id: str) -> tuple[str, list[_Source]]:
     return before, sources
 
 
-def _prepare(sources: list[_Source], resolution: int) -> tuple[list[_Prepared], dict[str, str]]:
-    """Read and preprocess each source; an unusable one is skipped with its reason."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+def _prepare(
+    sources: list[_Source], resolution: int, limits: ResourceLimits
+) -> tuple[list[_Prepared], dict[str, str]]:
+    """Read and preprocess each source; an unusable one is skipped with its reason (a sentence).
 
+    issue 9: the resource limits are checked again before anything is decoded, and an image
+    that still fails (out of memory, a library error) is skipped: it never ends the worker.
+    """
     prepared, skipped = [], {}
     for source in sources:
         try:
             if not source.path:
                 raise UnusableImageError("the instance has no spooled file")
-            try:
-                ds = pydicom.dcmread(source.path)
-            except (FileNotFoundError, InvalidDicomError) as exc:
-                raise UnusableImageError(f"cannot read {source.path}: {exc}") from exc
-            image, geometry = dicom_to_model_image(ds, resolution)
+            image, geometry = spooled_dicom_to_model_image(source.path, resolution, limits)
         except UnusableImageError as exc:
             skipped[source.sop_instance_uid] = str(exc)
+            continue
+        except MemoryError as exc:
+            skipped[source.sop_instance_uid] = f"preprocessing needed more memory than this worker has ({describe_error(exc)})"
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad image must not end the job, nor the worker
+            skipped[source.sop_instance_uid] = f"preprocessing failed ({describe_error(exc)})"
             continue
         prepared.append(_Prepared(source, image, geometry))
     return prepared, skipped
@@ -226,7 +233,7 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
         return "already inferred"
     started = time.perf_counter()
     manifest = ctx.bundle.manifest
-    prepared, skipped = _prepare(sources, manifest.resolution)
+    prepared, skipped = _prepare(sources, manifest.resolution, ResourceLimits.from_settings(ctx.settings))
     _record_skipped(ctx, job_id, sources, skipped)
     if not prepared:
         reasons = "; ".join(f"{uid}: {why}" for uid, why in skipped.items()) or "the job lists no image"

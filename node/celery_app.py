@@ -63,6 +63,8 @@ def _conf(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,  # a job whose worker dies is redelivered, not lost
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,  # a GPU worker holds one job at a time
+        # issue 9: a prefork child that a task left above this resident size is replaced after it
+        "worker_max_memory_per_child": settings.worker_max_memory_mb * 1024,  # in KiB
         "task_soft_time_limit": TASK_SOFT_TIME_LIMIT_S,  # issue 6
         "task_time_limit": TASK_TIME_LIMIT_S,  # issue 6
         "task_routes": {TASK_ANALYZE: {"queue": QUEUE_GPU}, TASK_DELIVER: {"queue": QUEUE_DICOM}},

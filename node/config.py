@@ -106,6 +106,20 @@ class Settings(BaseSettings):
         None, description="Celery broker; default sqla+sqlite:///<data_dir>/broker.sqlite3 (no server)"
     )
     min_free_disk_mb: int = Field(256, ge=0, description="refuse instances (0xA700) below this free space")
+    # -- resource limits (issue 9), checked from headers before any decode or inflate; over a limit the SCP
+    # answers 0xC001 and the worker skips the image. node.limits.ResourceLimits holds the same defaults.
+    max_instance_mb: int = Field(256, ge=1, description="refuse (0xC001) an instance larger than this")
+    max_image_pixels: int = Field(64_000_000, ge=1, description="refuse an image whose Rows x Columns x frames exceeds this")
+    max_pixel_data_mb: int = Field(256, ge=1, description="refuse an image whose decoded pixels would exceed this")
+    max_inflated_mb: int = Field(64, ge=1, description="refuse a deflated data set that inflates beyond this")
+    max_sequence_items: int = Field(20_000, ge=1, description="refuse a data set with more sequence items or fragments")
+    max_sequence_depth: int = Field(16, ge=1, description="refuse a data set whose sequences nest deeper")
+    max_pixel_spacing_ratio: float = Field(
+        10.0, gt=0, description="refuse an image whose larger pixel spacing exceeds the smaller this many times"
+    )
+    worker_max_memory_mb: int = Field(
+        3072, ge=64, description="a prefork worker child is replaced after a task leaves it above this memory"
+    )
     # -- study assembly
     study_stable_seconds: float = Field(5.0, gt=0, description="a study is complete after this quiet time")
     complete_on_release: bool = Field(False, description="also complete a study when its association ends")

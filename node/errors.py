@@ -12,6 +12,9 @@ class StoreStatus(IntEnum):
     OUT_OF_RESOURCES = 0xA700
     DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     CANNOT_UNDERSTAND = 0xC000
+    # In the "cannot understand" range (0xC000-0xCFFF), so senders do not retry it as they may an
+    # out-of-resources 0xA7xx: an instance over a resource limit (node.limits) fails the same way again.
+    EXCEEDS_RESOURCE_LIMIT = 0xC001
     # General failure: "processing failure" (PS3.7 C.4)
     PROCESSING_FAILURE = 0x0110
     SOP_CLASS_NOT_SUPPORTED = 0x0122

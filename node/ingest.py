@@ -20,6 +20,7 @@ from node.audit.db import AuditDB, add_event
 from node.audit.models import Instance, InstanceStatus, Study, StudyState, utcnow
 from node.errors import InstanceRejectedError, StoreStatus
 from node.inspect_instance import InstanceHeader, read_header
+from node.limits import ResourceLimits
 from node.spool import Spool, SpooledFile, SpoolFullError
 
 log = logging.getLogger(__name__)
@@ -51,16 +52,17 @@ class IngestResult:
 class Ingestor:
     """Spool + audit for received instances; holds no per-instance state."""
 
-    def __init__(self, spool: Spool, audit: AuditDB, actor: str) -> None:
+    def __init__(self, spool: Spool, audit: AuditDB, actor: str, limits: ResourceLimits | None = None) -> None:
         self.spool = spool
         self.audit = audit
         self.actor = actor
+        self.limits = limits or ResourceLimits()
 
     def receive(self, request: StoreRequest) -> IngestResult:
         """Store and audit one instance. Never raises: every failure becomes a status."""
         try:
             check_request(request)
-            header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid)
+            header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid, self.limits)
             status = self._store(request, header)
         except InstanceRejectedError as rejected:
             return self._refuse(request, rejected.status, rejected.reason)

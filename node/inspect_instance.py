@@ -14,6 +14,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.uid import UID
 
 from node.errors import InstanceRejectedError, StoreStatus
+from node.limits import ResourceLimits, check_encoded, check_image_header
 
 _UNDEFINED = 0xFFFFFFFF
 _STORAGE = "1.2.840.10008.5.1.4.1.1."
@@ -39,13 +40,18 @@ class InstanceHeader:
     modality: str | None
 
 
-def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str) -> InstanceHeader:
-    """Parse the encoded data set (file meta + body) and check it is whole and consistent.
+def read_header(
+    data: bytes, expected_sop_class: str, expected_sop_instance: str, limits: ResourceLimits | None = None
+) -> InstanceHeader:
+    """Parse the encoded data set (file meta + body) and check it is whole, consistent and within limits.
 
     Raises ``InstanceRejectedError`` with CANNOT_UNDERSTAND for data we cannot
-    parse or that lacks pixel bytes it declares, and DATA_SET_DOES_NOT_MATCH_SOP_CLASS
-    when the data set contradicts the C-STORE request.
+    parse or that lacks pixel bytes it declares, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
+    when the data set contradicts the C-STORE request, and EXCEEDS_RESOURCE_LIMIT
+    (checked before pydicom parses or inflates anything) for an instance over a limit.
     """
+    limits = limits or ResourceLimits()
+    check_encoded(data, limits)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
@@ -69,6 +75,7 @@ def read_header(data: bytes, expected_sop_class: str, expected_sop_instance: str
             StoreStatus.DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
             f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class}",
         )
+    check_image_header(ds, limits)  # before _check_pixel_data_complete reads the pixel value
     _check_lengths(ds, len(data))
     _check_pixel_data_complete(ds)
     return header

@@ -31,6 +31,7 @@ from node.audit.db import AuditDB
 from node.audit.models import Delivery, DeliveryStatus, Job, JobState
 from node.errors import StoreStatus
 from node.ingest import Ingestor, IngestResult, StoreRequest
+from node.limits import ResourceLimits
 from node.spool import Spool
 
 log = logging.getLogger(__name__)
@@ -105,8 +106,10 @@ def _status_name(status: int) -> str:
 class CountingIngestor(Ingestor):
     """The node's ``Ingestor`` that also counts each answer (the SCP needs no change)."""
 
-    def __init__(self, spool: Spool, audit: AuditDB, actor: str, metrics: NodeMetrics) -> None:
-        super().__init__(spool, audit, actor)
+    def __init__(
+        self, spool: Spool, audit: AuditDB, actor: str, metrics: NodeMetrics, limits: ResourceLimits | None = None
+    ) -> None:
+        super().__init__(spool, audit, actor, limits)
         self.metrics = metrics
 
     def receive(self, request: StoreRequest) -> IngestResult:

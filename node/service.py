@@ -10,6 +10,7 @@ from node.audit.db import AuditDB, actor_name
 from node.audit.migrate import upgrade
 from node.celery_app import enqueue_analysis, make_celery
 from node.config import Settings
+from node.limits import ResourceLimits
 from node.metrics import CountingIngestor, NodeMetrics
 from node.scp import AssociationLog, StorageSCP
 from node.spool import Spool
@@ -33,7 +34,7 @@ class NodeService:
         self.assembler = Assembler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job), actor)
         self.scp = StorageSCP(
             settings,
-            CountingIngestor(self.spool, self.audit, actor, self.metrics),
+            CountingIngestor(self.spool, self.audit, actor, self.metrics, ResourceLimits.from_settings(settings)),
             AssociationLog(self.audit, actor),
             on_release=self.assembler.mark_released,
         )

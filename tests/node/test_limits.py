@@ -1,0 +1,83 @@
+"""node.limits: the checks that run before anything is decoded or inflated (issue 9, part 3)."""
+
+from __future__ import annotations
+
+import io
+import struct
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ImplicitVRLittleEndian
+
+from inference.preprocess import UnusableImageError, spooled_dicom_to_model_image
+from node.audit.db import AuditDB
+from node.audit.migrate import upgrade
+from node.config import Settings
+from node.errors import StoreStatus
+from node.ingest import Ingestor, StoreRequest
+from node.limits import LimitExceededError, ResourceLimits, check_encoded, check_structure, codestream_size
+from node.spool import Spool
+from tests.factories import make_image
+from tests.reliability.bombs import all_bombs, jpeg_frame, sequence_items_bomb
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_settings_defaults_are_the_limits_defaults() -> None:
+    assert ResourceLimits.from_settings(Settings()) == ResourceLimits()
+
+
+def test_ordinary_instances_pass(tmp_path: Path) -> None:
+    """Explicit, implicit and deflated encodings with nested sequences stay within the defaults."""
+    ds = make_image("1.2.3.4")
+    ds.ReferencedImageSequence = [pydicom.Dataset() for _ in range(3)]
+    ds.ReferencedImageSequence[0].ReferencedSOPClassUID = "1.2.3"
+    ds.ReferencedImageSequence[0].PurposeOfReferenceCodeSequence = [pydicom.Dataset()]
+    for syntax in (pydicom.uid.ExplicitVRLittleEndian, ImplicitVRLittleEndian,
+                   pydicom.uid.DeflatedExplicitVRLittleEndian):  # fmt: skip
+        ds.file_meta.TransferSyntaxUID = syntax
+        check_encoded(_encoded(ds), ResourceLimits())
+        check_encoded(_encoded(ds), ResourceLimits(max_sequence_items=4, max_sequence_depth=2))  # exactly
+        with pytest.raises(LimitExceededError, match="max_sequence_items"):
+            check_encoded(_encoded(ds), ResourceLimits(max_sequence_items=3))
+        with pytest.raises(LimitExceededError, match="max_sequence_depth"):
+            check_encoded(_encoded(ds), ResourceLimits(max_sequence_depth=1))
+
+
+def test_implicit_vr_item_bomb_is_counted() -> None:
+    """Without VRs on the wire, a sequence is known by its undefined length (or the dictionary)."""
+    item = b"\xfe\xff\x00\xe0" + struct.pack("<I", 0)
+    body = b"\x08\x00\x40\x11\xff\xff\xff\xff" + item * 100 + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    with pytest.raises(LimitExceededError):
+        check_structure(body, explicit=False, limits=ResourceLimits(max_sequence_items=99))
+    defined = b"\x08\x00\x40\x11" + struct.pack("<I", len(item) * 100) + item * 100
+    with pytest.raises(LimitExceededError):
+        check_structure(defined, explicit=False, limits=ResourceLimits(max_sequence_items=99))
+    check_structure(defined, explicit=False, limits=ResourceLimits(max_sequence_items=100))
+
+
+def test_codestream_size_reads_jpeg_headers() -> None:
+    assert codestream_size(jpeg_frame(12000, 11000)) == (12000, 11000)
+    assert codestream_size(b"not a codestream") is None
+
+
+def test_instance_size_limit_refused_and_audited(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    upgrade(url)
+    ingestor = Ingestor(Spool(tmp_path / "spool"), AuditDB(url), "test", ResourceLimits(max_instance_bytes=4096))
+    ds = make_image("1.2.3.4")
+    result = ingestor.receive(StoreRequest(_encoded(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID), None))
+    assert result.status == StoreStatus.EXCEEDS_RESOURCE_LIMIT
+
+
+def test_worker_path_refuses_every_bomb_before_decoding(tmp_path: Path) -> None:
+    """The worker's own check (default limits), on files the node never saw."""
+    for bomb in all_bombs() + [sequence_items_bomb(30_000, deflated=False)]:
+        with pytest.raises(UnusableImageError) as refused:
+            spooled_dicom_to_model_image(bomb.write(tmp_path), 64, ResourceLimits())
+        assert bomb.limit in str(refused.value), bomb.kind
