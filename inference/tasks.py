@@ -1,19 +1,23 @@
 """The ``gpu`` queue's task: predict and explain one job's images, then hand over to delivery.
 
-``inference.analyze_study(job_id)`` re-reads the job from the audit DB and moves it
-QUEUED/RUNNING -> RUNNING -> INFERRED (or FAILED), with an event at each step. It
-is safe to run twice: an INFERRED or SENT job is not recomputed (an INFERRED one
-gets its delivery re-sent, in case the first send was lost), and a re-run after
-a killed worker writes the same artefacts, by ``result.json`` last, atomically.
+``inference.analyze_study(job_id)`` claims the job in the audit DB (``node.job_lease``:
+one conditional UPDATE, so a duplicate message never runs it twice) and moves it
+QUEUED -> RUNNING -> INFERRED (or FAILED), with an event at each step. While it
+works, a heartbeat renews its lease; if the worker dies, the lease expires and
+the node's reconciler publishes the job again (a re-run writes the same
+artefacts, ``result.json`` last, atomically). An INFERRED or SENT job is never
+recomputed; its delivery is the reconciler's to publish.
 
 The bundle is loaded once per worker *process*, after Celery forked it
 (``worker_process_init``), so CUDA is never initialised in the parent; the solo
 pool, which does not fork, loads it on the first task. Settings come from
 ``node.config.load_settings()`` (``GVR_*``) in that process.
 
-Transient failures (the audit DB locked or away, the spool or the broker
-failing) are retried with exponential backoff, at most ``MAX_RETRIES`` times;
-anything else, or the last retry, marks the job FAILED with the reason.
+Transient failures (the audit DB, the spool or the broker away) schedule a retry
+as a due time in the DB (2, 4, 8 ... s, at most ``MAX_RETRIES``); the worker
+holds no countdown message. Anything else, or the last retry, marks the job
+FAILED with a sentence. When even the claim cannot reach the DB, the message
+goes back to the broker after a pause.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ from typing import Any
 import kombu.exceptions
 import numpy as np
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
 from sqlalchemy.exc import OperationalError
 
-from inference.bundle import Bundle
+from inference.bundle import Bundle, BundleInvalidError
 from inference.predict import ImageExplanation, artefact_maps, explain_images, resolve_bundle
 from inference.preprocess import Geometry, UnusableImageError, spooled_dicom_to_model_image
 from inference.rationale import RationaleConfig
@@ -38,16 +43,22 @@ from inference.worker_app import RATIONALE_CONF_KEY
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
 from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Job, JobState, utcnow
-from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, attempts_exhausted, job_id_argument
+from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, job_id_argument
 from node.config import Settings, load_settings
+from node.job_lease import Claim, Heartbeat, claim_analysis, release, schedule_retry, start_phase
 from node.limits import ResourceLimits
-from node.spool import Spool, uid_to_filename
+from node.spool import Spool, process_owner, uid_to_filename
 from node.supervision import describe_error
 
 logger = logging.getLogger(__name__)
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (OperationalError, OSError, kombu.exceptions.OperationalError)
 MAX_RETRIES = 5
+REJECT_PAUSE_S = 2.0  # the audit DB is away: wait this long before giving a message back
+
+
+class LeaseLostError(RuntimeError):
+    """This worker's lease expired and the job went to another worker: its result is not recorded."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +76,9 @@ class WorkerContext:
         bundle = resolve_bundle(settings.bundle_dir, settings.device)
         logger.info("worker loaded bundle %s %s on %s", bundle.manifest.name, bundle.manifest.version,
                     settings.device)
-        return cls(settings, AuditDB(settings.audit_url), Spool(settings.spool_dir), bundle, actor_name("worker"))
+        spool = Spool(settings.spool_dir, owner=process_owner("worker"))
+        spool.clear_partial_writes()  # this host's dead processes' leftovers; never a live one's
+        return cls(settings, AuditDB(settings.audit_url), spool, bundle, actor_name("worker"))
 
 
 class _ProcessContext:
@@ -107,31 +120,17 @@ class _Prepared:
     geometry: Geometry
 
 
-def _start(ctx: WorkerContext, job_id: str) -> tuple[str, list[_Source]]:
-    """Mark the job RUNNING (or say why not): returns (state before, its sources)."""
+def _start(ctx: WorkerContext, job_id: str) -> tuple[Claim, list[_Source]]:
+    """Claim the job for this worker (``node.job_lease``): returns the claim and the job's sources."""
     with ctx.audit.session() as session:
+        claim = claim_analysis(session, job_id, ctx.actor, ctx.settings.device, ctx.settings.job_lease_seconds)
+        if not claim.claimed:
+            return claim, []
         job = session.get(Job, job_id)
-        if job is None:
-            return "missing", []
-        before = job.state.value
-        if job.state in (JobState.INFERRED, JobState.SENT):
-            return before, []
-        # RUNNING at a start means the previous start's worker died (a transient error sets QUEUED first)
-        if job.state is JobState.RUNNING and attempts_exhausted(job.attempts):
-            reason = (f"gave up after {job.attempts} attempts: each worker running this job died "
-                      "(out of memory, killed); gvr audit shows the attempts")
-            job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
-            add_event(session, "job.failed", ("job", job_id), ctx.actor, reason, {"previous_state": before})
-            return "exhausted", []
-        job.state = JobState.RUNNING
-        job.attempts += 1
-        job.worker, job.device = ctx.actor, ctx.settings.device
-        job.started_at, job.finished_at, job.error = utcnow(), None, None
-        add_event(session, "job.running", ("job", job_id), ctx.actor,
-                  f"inference attempt {job.attempts} on {ctx.settings.device}", {"previous_state": before})
+        assert job is not None  # just claimed in this session
         sources = [_Source(ji.instance.id, ji.instance.sop_instance_uid or "", ji.instance.spool_path or "")
                    for ji in job.images]
-    return before, sources
+    return claim, sources
 
 
 def _prepare(
@@ -173,12 +172,15 @@ def _record_skipped(ctx: WorkerContext, job_id: str, sources: list[_Source], ski
 
 
 def _fail(ctx: WorkerContext, job_id: str, reason: str) -> None:
+    """End the job FAILED with ``reason`` (a sentence) and the command that runs it again."""
+    message = f"{reason}. Run it again with: gvr rerun {job_id}"
     with ctx.audit.session() as session:
         job = session.get(Job, job_id)
         if job is None or job.state in (JobState.INFERRED, JobState.SENT):
             return
-        job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
-        add_event(session, "job.failed", ("job", job_id), ctx.actor, reason)
+        job.state, job.error, job.finished_at = JobState.FAILED, message[:4000], utcnow()
+        release(job)
+        add_event(session, "job.failed", ("job", job_id), ctx.actor, message)
     logger.error("job %s failed: %s", job_id, reason)
 
 
@@ -202,7 +204,10 @@ def _finish(ctx: WorkerContext, result: JobResult, skipped: dict[str, str]) -> d
         job = session.get(Job, result.job_id)
         if job is None:
             raise LookupError(f"job {result.job_id} vanished from the audit DB while it ran")
-        job.state, job.finished_at, job.result = JobState.INFERRED, utcnow(), summary
+        if job.worker != ctx.actor or job.state is not JobState.RUNNING:
+            raise LeaseLostError(f"job {result.job_id} is {job.state.value} with {job.worker}; result not recorded")
+        start_phase(job, JobState.INFERRED)
+        job.finished_at, job.result = utcnow(), summary
         job.model_version = f"{result.model.name}-{result.model.version}"[:64]
         add_event(session, "job.inferred", ("job", result.job_id), ctx.actor,
                   f"{len(result.images)} image(s) explained in {result.seconds:.1f} s",
@@ -212,25 +217,36 @@ def _finish(ctx: WorkerContext, result: JobResult, skipped: dict[str, str]) -> d
 
 def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], None],
                  config: RationaleConfig | None = None) -> str:
-    """The task's body, free of Celery: returns what happened ("inferred", "failed", "already ...").
+    """The task's body, free of Celery: returns what happened ("inferred", "failed", "retry scheduled", ...).
+
+    Every failure ends here with a state in the audit DB: a transient one (the DB,
+    the spool or the broker away) schedules a retry (a due time the node's
+    reconciler acts on), anything else ends the job FAILED with a sentence.
 
     Raises:
-        one of TRANSIENT_ERRORS: worth retrying; anything else is a bug or a bad bundle.
+        one of TRANSIENT_ERRORS when even the claim could not reach the audit DB.
     """
-    before, sources = _start(ctx, job_id)
-    if before == "missing":
-        logger.error("job %s is not in the audit DB; nothing to do", job_id)
-        return "missing"
-    if before == "exhausted":
-        logger.error("job %s exceeded its attempts and is FAILED", job_id)
+    claim, sources = _start(ctx, job_id)
+    if not claim.claimed:
+        logger.info("job %s not started here: %s (was %s)", job_id, claim.outcome.value, claim.state_before or "-")
+        return claim.outcome.value
+    try:
+        with Heartbeat(ctx.audit, job_id, ctx.actor, ctx.settings.job_lease_seconds):
+            outcome = _analyse(ctx, job_id, sources, config)
+    except TRANSIENT_ERRORS as error:
+        return _retry_later(ctx, job_id, error)
+    except LeaseLostError as error:
+        logger.warning("%s", error)
+        return "lease lost"
+    except Exception as error:  # noqa: BLE001 - any failure ends the job with a reason, never the worker
+        _fail(ctx, job_id, failure_sentence("inference", error))
         return "failed"
-    if before == JobState.SENT.value:
-        logger.info("job %s was already sent; not recomputed", job_id)
-        return "already sent"
-    if before == JobState.INFERRED.value:
-        logger.info("job %s was already inferred; delivery re-sent", job_id)
-        send_deliver(job_id)
-        return "already inferred"
+    if outcome == "inferred":
+        publish_delivery(ctx, job_id, send_deliver)
+    return outcome
+
+
+def _analyse(ctx: WorkerContext, job_id: str, sources: list[_Source], config: RationaleConfig | None) -> str:
     started = time.perf_counter()
     manifest = ctx.bundle.manifest
     prepared, skipped = _prepare(sources, manifest.resolution, ResourceLimits.from_settings(ctx.settings))
@@ -247,53 +263,96 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     arrays = {image.key: artefact_maps(e, p.geometry) for image, p, e in zip(images, prepared, explanations, strict=True)}
     write_job_result(ctx.spool.results, result, arrays)
     _finish(ctx, result, skipped)
-    send_deliver(job_id)
     logger.info("job %s inferred: %d image(s), %d skipped, %.1f s", job_id, len(images), len(skipped),
                 result.seconds)
     return "inferred"
 
 
-def _requeue(ctx: WorkerContext, job_id: str, reason: str) -> None:
-    with ctx.audit.session() as session:
-        job = session.get(Job, job_id)
-        if job is None or job.state is not JobState.RUNNING:
-            return
-        job.state = JobState.QUEUED
-        add_event(session, "job.retry", ("job", job_id), ctx.actor, f"transient error, retried: {reason}")
+def retry_delay(retries_so_far: int) -> float:
+    """Seconds before the next try of a transient failure: 2, 4, 8 ... at most 120."""
+    return float(min(120, 2 * 2**retries_so_far))
+
+
+def _retry_later(ctx: WorkerContext, job_id: str, error: BaseException) -> str:
+    """Schedule the next try in the DB; if the DB is away too, the lease expiring brings the job back."""
+    reason = failure_sentence("inference", error)
+    try:
+        with ctx.audit.session() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state is not JobState.RUNNING or job.worker != ctx.actor:
+                return "lease lost"
+            if job.retries >= MAX_RETRIES:
+                failed = True
+            else:
+                failed = False
+                schedule_retry(session, job, ctx.actor, reason, retry_delay(job.retries), "job.retry")
+        if failed:
+            _fail(ctx, job_id, f"{reason} (gave up after {MAX_RETRIES} retries)")
+            return "failed"
+    except TRANSIENT_ERRORS:
+        logger.warning("job %s: %s; the audit DB is away too, its lease will expire and it runs again",
+                       job_id, reason)  # fmt: skip
+    return "retry scheduled"
+
+
+def publish_delivery(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], None]) -> None:
+    """Hand an INFERRED job to the delivery queue; if the broker is away the reconciler publishes it."""
+    try:
+        send_deliver(job_id)
+        with ctx.audit.session() as session:
+            job = session.get(Job, job_id)
+            if job is not None and job.state is JobState.INFERRED and job.enqueued_at is None:
+                job.enqueued_at = utcnow()
+    except Exception as error:  # noqa: BLE001 - kombu, redis, sqlalchemy: the reconciler covers every one
+        logger.warning("job %s inferred; delivery not yet published (%s): the node will publish it",
+                       job_id, type(error).__name__)  # fmt: skip
+
+
+def failure_sentence(what: str, error: BaseException) -> str:
+    """A sentence for the audit: our own errors speak for themselves, library ones by type and place."""
+    if isinstance(error, MemoryError):
+        return f"{what} ran out of memory ({describe_error(error)})"
+    if isinstance(error, (UnusableImageError, BundleInvalidError)):
+        return f"{what} failed: {error}"
+    if isinstance(error, OSError):
+        return f"{what} failed: {type(error).__name__}: {error.strerror or error}"
+    return f"{what} failed unexpectedly ({describe_error(error)}; message withheld: it may quote patient data)"
 
 
 class AnalysisTask(Task):  # type: ignore[misc]
-    """Two hooks: a retry puts the job back to QUEUED (so the redelivery cap counts only dead
-    workers), the final failure (not a retry) marks it FAILED."""
-
-    def on_retry(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
-        job_id = job_id_argument(args, kwargs)
-        try:
-            _requeue(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
-        except TRANSIENT_ERRORS as error:
-            logger.warning("job %s will be retried (%s); its state stays RUNNING: %s", job_id, exc, error)
+    """A last-resort hook: an error that escaped ``run_analysis`` still marks the job FAILED."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = job_id_argument(args, kwargs)
         try:
-            _fail(PROCESS.get(), job_id, f"{type(exc).__name__}: {exc}")
-        except TRANSIENT_ERRORS as error:
-            logger.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, exc, error)
+            _fail(PROCESS.get(), job_id, failure_sentence("inference", exc))
+        except Exception as error:  # noqa: BLE001 - the lease expiring brings the job back
+            logger.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, type(exc).__name__,
+                         type(error).__name__)  # fmt: skip
 
 
 @shared_task(  # type: ignore[untyped-decorator]
     name=TASK_ANALYZE, bind=True, base=AnalysisTask, acks_late=True, reject_on_worker_lost=True,
-    autoretry_for=TRANSIENT_ERRORS, max_retries=MAX_RETRIES, retry_backoff=2, retry_backoff_max=120,
-    retry_jitter=True, soft_time_limit=1500, time_limit=1800,
+    soft_time_limit=1500, time_limit=1800,
 )
 def analyze_study(self: Task, job_id: str) -> str:
     """Predict and explain job ``job_id``; see the module docstring."""
-    ctx = PROCESS.get()
+    try:
+        ctx = PROCESS.get()
+    except BundleInvalidError as error:
+        raise BundleInvalidError(f"the worker cannot load its bundle: {error}") from error
     options = self.app.conf.get(RATIONALE_CONF_KEY) or {}
     config = RationaleConfig(**options)
 
     def send_deliver(target: str) -> None:
-        self.app.send_task(TASK_DELIVER, args=[target], queue=QUEUE_DICOM)
+        self.app.send_task(TASK_DELIVER, args=[target], queue=QUEUE_DICOM, retry=False)
 
-    return run_analysis(ctx, job_id, send_deliver, config)
-
+    try:
+        return run_analysis(ctx, job_id, send_deliver, config)
+    except TRANSIENT_ERRORS as error:
+        # The audit DB is away, so the job cannot even be claimed: give the message back to the
+        # broker after a pause (this worker holds nothing meanwhile) instead of dropping it.
+        logger.warning("job %s: audit DB unreachable (%s); message returned to the queue", job_id,
+                       type(error).__name__)  # fmt: skip
+        time.sleep(REJECT_PAUSE_S)
+        raise Reject(str(type(error).__name__), requeue=True) from error

@@ -12,14 +12,24 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.audit.db import AuditDB, add_event
-from node.audit.models import Instance, InstanceStatus, Job, JobImage, JobState, Study, StudyState, utcnow
+from node.audit.models import (
+    Instance,
+    InstanceStatus,
+    Job,
+    JobImage,
+    JobState,
+    Study,
+    StudyState,
+    as_utc,
+    utcnow,
+)
 from node.config import Settings
 from node.selection import SelectionRule, read_selection_header
 from node.supervision import SupervisedLoop
@@ -66,7 +76,7 @@ class Assembler:
                     Study.state == StudyState.RECEIVING
                 )
             ).all()
-        return [row.id for row in rows if row.study_uid in released or _as_utc(row.last_received_at) <= cutoff]
+        return [row.id for row in rows if row.study_uid in released or as_utc(row.last_received_at) <= cutoff]
 
     def _assemble(self, study_id: int) -> str | None:
         with self.audit.session() as session:
@@ -155,8 +165,3 @@ def _record_no_eligible(session: Session, study: Study, skipped: dict[str, str],
         session, "study.no_eligible", ("study", study.id), actor,
         f"no eligible image: {study.reason}", {"skipped": skipped},
     )  # fmt: skip
-
-
-def _as_utc(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

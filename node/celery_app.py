@@ -83,3 +83,14 @@ def enqueue_analysis(app: Celery, job_id: str) -> None:
         retry=True,
         retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
     )
+
+
+def enqueue_delivery(app: Celery, job_id: str) -> None:
+    """Put one INFERRED job on the ``dicom`` queue; raises if the broker cannot take it."""
+    app.send_task(
+        TASK_DELIVER,
+        args=[job_id],
+        queue=QUEUE_DICOM,
+        retry=True,
+        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
+    )

@@ -124,6 +124,13 @@ class Settings(BaseSettings):
     study_stable_seconds: float = Field(5.0, gt=0, description="a study is complete after this quiet time")
     complete_on_release: bool = Field(False, description="also complete a study when its association ends")
     assembler_poll_seconds: float = Field(0.5, gt=0, description="how often the assembler looks for stable studies")
+    reconcile_seconds: float = Field(2.0, gt=0, description="how often the node re-publishes overdue jobs")
+    job_lease_seconds: float = Field(
+        30.0, gt=0, description="a RUNNING job whose worker sent no heartbeat for this long runs again"
+    )
+    job_publish_deadline_seconds: float = Field(
+        60.0, gt=0, description="a job waiting this long for a worker to take it is published again"
+    )
     # -- selection (the loop guard against our own and derived objects is not a setting)
     select_modalities: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["CR", "DX"], description="modalities analysed"

@@ -22,27 +22,31 @@ Never imports torch.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from node.audit.db import AuditDB, actor_name, add_event
-from node.audit.models import Delivery, DeliveryStatus, Job, JobState
+from node.audit.models import Delivery, DeliveryStatus, Job, JobState, utcnow
 from node.celery_app import TASK_DELIVER, job_id_argument
 from node.config import Peer, Settings, load_settings
+from node.job_lease import ClaimOutcome, Heartbeat, claim_delivery, release, schedule_retry
 from node.results.build import OutboxEntry, ResultBuildError, outbox_path, prepare_outbox
 from node.results.source_header import SourceRepair
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
-from node.spool import Spool
+from node.spool import Spool, process_owner
 from node.supervision import describe_error
 
 log = logging.getLogger(__name__)
 DELIVERY_CONF_KEY = "gvr_delivery"  # app.conf key: RetryPolicy fields, e.g. {"max_retries": 3}
 _OUT_OF_RESOURCES = 0xA700
+REJECT_PAUSE_S = 2.0  # the audit DB is away: wait this long before giving a message back
 
 
 class DeliveryError(RuntimeError):
@@ -93,7 +97,9 @@ class DeliveryContext:
 
     @classmethod
     def load(cls, settings: Settings, role: str = "delivery") -> DeliveryContext:
-        return cls(settings, AuditDB(settings.audit_url), Spool(settings.spool_dir), actor_name(role))
+        spool = Spool(settings.spool_dir, owner=process_owner(role))
+        spool.clear_partial_writes()  # this host's dead processes' leftovers; never a live one's
+        return cls(settings, AuditDB(settings.audit_url), spool, actor_name(role))
 
 
 @dataclass(frozen=True)
@@ -132,11 +138,10 @@ def _next_attempt(ctx: DeliveryContext, job_id: str) -> int:
     return int(last or 0) + 1
 
 
-def _already_delivered(
-    ctx: DeliveryContext, job_id: str, destination: str, entries: Sequence[OutboxEntry]
-) -> bool:
+def _acknowledged(ctx: DeliveryContext, job_id: str, destination: str) -> set[str]:
+    """SOP instances of this job that ``destination`` has acknowledged (in any attempt)."""
     with ctx.audit.session() as session:
-        sent = set(
+        return set(
             session.scalars(
                 select(Delivery.sop_instance_uid).where(
                     Delivery.job_id == job_id,
@@ -145,42 +150,50 @@ def _already_delivered(
                 )
             )
         )
-    return all(entry.sop_instance_uid in sent for entry in entries)
-
-
-def _transient_status(result: SendResult) -> bool:
-    return result.status is None or result.status & 0xFF00 == _OUT_OF_RESOURCES
 
 
 def _send_to(
     ctx: DeliveryContext, job_id: str, peer: Peer, entries: Sequence[OutboxEntry], attempt: int
 ) -> DestinationOutcome:
-    """One association to ``peer`` carrying every object; one Delivery row per object."""
-    files = [FileToSend(outbox_path(ctx.spool, job_id, e), e.sop_class_uid, e.sop_instance_uid,
-                        e.transfer_syntax) for e in entries]  # fmt: skip
-    settings = ctx.settings
-    try:
-        results = send_files(files, peer, settings.ae_title, timeout=settings.dimse_timeout)
-    except (PeerUnreachableError, OSError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-        _record(ctx, job_id, str(peer), attempt, [(e, None, reason) for e in entries])
-        log.warning("job %s: destination %s unavailable (attempt %d): %s", job_id, peer, attempt, reason)
-        return DestinationOutcome(str(peer), 0, len(entries), transient=True, error=reason)
-    rows: list[tuple[OutboxEntry, int | None, str | None]] = []
-    failed, transient = 0, False
-    for entry, result in zip(entries, results, strict=True):
+    """One association to ``peer`` carrying every object it has not acknowledged yet.
+
+    Each answer is recorded (one Delivery row) as it arrives, so a delivery killed
+    mid-association re-sends only what the PACS did not acknowledge.
+    """
+    held = _acknowledged(ctx, job_id, str(peer))
+    pending = [e for e in entries if e.sop_instance_uid not in held]
+    if not pending:
+        return DestinationOutcome(str(peer), 0, 0, skipped=True)
+    by_uid = {e.sop_instance_uid: e for e in pending}
+    answered: dict[str, tuple[int | None, str | None]] = {}
+
+    def record(item: FileToSend, result: SendResult) -> None:
+        entry = by_uid[item.sop_instance_uid]
         error: str | None = None
         if not result.ok:
-            failed += 1
-            transient = transient or _transient_status(result)
             status = "no status" if result.status is None else f"status 0x{result.status:04X}"
             error = result.error or f"C-STORE of {entry.kind} {entry.sop_instance_uid} refused with {status}"
-        rows.append((entry, result.status, error))
-    _record(ctx, job_id, str(peer), attempt, rows)
-    first_error = next((row[2] for row in rows if row[2]), None)
-    return DestinationOutcome(
-        str(peer), len(entries) - failed, failed, transient=transient, error=first_error
-    )
+        answered[entry.sop_instance_uid] = (result.status, error)
+        _record(ctx, job_id, str(peer), attempt, [(entry, result.status, error)])
+
+    files = [FileToSend(outbox_path(ctx.spool, job_id, e), e.sop_class_uid, e.sop_instance_uid,
+                        e.transfer_syntax) for e in pending]  # fmt: skip
+    settings = ctx.settings
+    lost: str | None = None
+    try:
+        send_files(files, peer, settings.ae_title, timeout=settings.dimse_timeout, on_result=record)
+    except (PeerUnreachableError, OSError) as exc:
+        lost = f"{type(exc).__name__}: {exc}"
+        unanswered = [e for e in pending if e.sop_instance_uid not in answered]
+        _record(ctx, job_id, str(peer), attempt, [(e, None, lost) for e in unanswered])
+        log.warning("job %s: destination %s unavailable (attempt %d, %d of %d object(s) unanswered): %s",
+                    job_id, peer, attempt, len(unanswered), len(pending), lost)  # fmt: skip
+    failed = [(status, error) for status, error in answered.values() if error]
+    transient = lost is not None or any(status is None or status & 0xFF00 == _OUT_OF_RESOURCES
+                                        for status, _ in failed)  # fmt: skip
+    sent = len(answered) - len(failed)
+    first_error = next((error for _, error in failed), None) or lost
+    return DestinationOutcome(str(peer), sent, len(pending) - sent, transient=transient, error=first_error)
 
 
 def _record(
@@ -202,18 +215,40 @@ def _record(
 def deliver_job(
     ctx: DeliveryContext, job_id: str, destinations: Sequence[Peer] | None = None, force: bool = False
 ) -> DeliveryReport:
-    """One delivery attempt of job ``job_id``; marks it SENT when every destination has every object.
+    """Deliver job ``job_id`` now, in this process (``gvr resend --now``, tests).
 
-    A SENT job is left alone unless ``force``. Raises ``DestinationUnavailableError``
-    when a destination was down (retry later), ``DeliveryError`` when retrying
-    cannot help (the job's state is then for the caller to set: ``fail_job``).
+    A SENT job is left alone unless ``force``; an INFERRED or FAILED one is claimed
+    first, so a worker delivering it at the same time is never doubled.
+    Raises ``DestinationUnavailableError`` when a destination was down (retry
+    later), ``DeliveryError`` when retrying cannot help (the job's state is then
+    for the caller to set: ``fail_job``).
     """
     job = _job(ctx, job_id)
     if job.state == JobState.SENT and not force:
         log.info("job %s already SENT: nothing to deliver", job_id)
         return DeliveryReport(job_id, 0, ())
-    if job.state not in (JobState.INFERRED, JobState.FAILED, JobState.SENT):
-        raise DeliveryError(f"job {job_id} is {job.state.value}: only an INFERRED job has results to deliver")
+    with ctx.audit.session() as session:
+        claim = claim_delivery(session, job_id, ctx.actor, ctx.settings.job_lease_seconds, force=True)
+    if not claim.claimed:
+        if claim.outcome is ClaimOutcome.TAKEN:
+            raise DeliveryError(f"job {job_id} is being delivered by {job.worker} right now")
+        raise DeliveryError(f"job {job_id} is {claim.state_before}: only an INFERRED job has results to deliver")
+    try:
+        return deliver_claimed(ctx, job_id, destinations)
+    finally:
+        _let_go(ctx, job_id)
+
+
+def _let_go(ctx: DeliveryContext, job_id: str) -> None:
+    """Give up this process's lease (a SENT or FAILED job has none left; an INFERRED one may be retried)."""
+    with ctx.audit.session() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.worker == ctx.actor:
+            job.lease_expires_at = None
+
+
+def deliver_claimed(ctx: DeliveryContext, job_id: str, destinations: Sequence[Peer] | None = None) -> DeliveryReport:
+    """One delivery attempt of a job this process holds; marks it SENT when every destination has every object."""
     peers = list(destinations if destinations is not None else ctx.settings.destinations)
     if not peers:
         raise DeliveryError("no destinations: set GVR_DESTINATIONS (AE@host:port, e.g. the PACS)")
@@ -222,19 +257,14 @@ def deliver_job(
                                  report_ood=ctx.settings.report_ood_findings)  # fmt: skip
     except FileNotFoundError as error:
         raise DeliveryError(
-            f"job {job_id} has no complete inference result ({error}): analyse it again"
+            f"job {job_id} has no complete inference result ({error}): analyse it again with gvr rerun {job_id}"
         ) from error
     except ResultBuildError as error:
         raise DeliveryError(f"job {job_id}: cannot build result objects: {error}") from error
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as error:
         raise DeliveryError(f"job {job_id}: cannot build result objects: {withheld(error)}") from error
     attempt = _next_attempt(ctx, job_id)
-    outcomes = []
-    for peer in peers:
-        if _already_delivered(ctx, job_id, str(peer), entries):
-            outcomes.append(DestinationOutcome(str(peer), 0, 0, skipped=True))
-        else:
-            outcomes.append(_send_to(ctx, job_id, peer, entries, attempt))
+    outcomes = [_send_to(ctx, job_id, peer, entries, attempt) for peer in peers]
     report = DeliveryReport(job_id, attempt, tuple(entries), tuple(outcomes))
     if report.complete:
         _mark_sent(ctx, report)
@@ -264,7 +294,8 @@ def _mark_sent(ctx: DeliveryContext, report: DeliveryReport) -> None:
         job = session.get(Job, report.job_id)
         if job is None:
             raise DeliveryError(f"job {report.job_id} vanished from the audit database")
-        job.state, job.error = JobState.SENT, None
+        job.state, job.error, job.finished_at = JobState.SENT, None, utcnow()
+        release(job)
         destinations = [o.destination for o in report.outcomes]
         add_event(
             session, "job.sent", ("job", job.id), ctx.actor,
@@ -284,14 +315,9 @@ def fail_job(ctx: DeliveryContext, job_id: str, reason: str) -> None:
         if job is None or job.state == JobState.SENT:
             return
         job.state, job.error = JobState.FAILED, message[:4000]
+        release(job)
         add_event(session, "job.failed", ("job", job_id), ctx.actor, message)
     log.error("job %s FAILED: %s", job_id, reason)
-
-
-def note_retry(ctx: DeliveryContext, job_id: str, reason: str, delay: float, retries: int) -> None:
-    with ctx.audit.session() as session:
-        add_event(session, "delivery.retry", ("job", job_id), ctx.actor,
-                  f"retry {retries + 1} in {delay:.0f} s: {reason}", {"delay_s": delay, "retry": retries + 1})  # fmt: skip
 
 
 class _ProcessContext:
@@ -316,42 +342,73 @@ PROCESS = _ProcessContext()
 
 
 class DeliveryTask(Task):  # type: ignore[misc]
-    """Only a failure hook: an unexpected error (not a scheduled retry) marks the job FAILED."""
+    """A last-resort hook: an error that escaped ``run_delivery`` still marks the job FAILED."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = job_id_argument(args, kwargs)
         reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, (OSError, DeliveryError)) else withheld(exc)
         try:
             fail_job(PROCESS.get(), job_id, reason)
-        except OperationalError as error:
+        except Exception as error:  # noqa: BLE001 - the lease expiring brings the job back
             log.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, reason,
                       type(error).__name__)  # fmt: skip
 
 
 @shared_task(  # type: ignore[untyped-decorator]
     name=TASK_DELIVER, bind=True, base=DeliveryTask, acks_late=True, reject_on_worker_lost=True,
-    autoretry_for=(OperationalError,), retry_backoff=2, retry_backoff_max=60, max_retries=10,
     soft_time_limit=600, time_limit=900,
 )  # fmt: skip
 def deliver_results(self: Task, job_id: str) -> str:
-    """Deliver job ``job_id``: "sent" or "failed", or a retry scheduled; see the module docstring."""
+    """Deliver job ``job_id``: "sent", "failed", "retry scheduled" or why not started; see the module docstring."""
     ctx = PROCESS.get()
     policy = RetryPolicy.from_conf(self.app.conf)
-    return run_delivery(ctx, job_id, policy, self.request.retries, self.retry)
-
-
-def run_delivery(ctx: DeliveryContext, job_id: str, policy: RetryPolicy, retries: int, retry: Any) -> str:
-    """The task body, callable without Celery: ``retry(countdown=, exc=, max_retries=)`` schedules the next try."""
     try:
-        deliver_job(ctx, job_id)
+        return run_delivery(ctx, job_id, policy)
+    except OperationalError as error:
+        # The audit DB is away: give the message back after a pause instead of dropping it
+        # (a job claimed already is brought back by its lease expiring).
+        log.warning("job %s: audit DB unreachable (%s); message returned to the queue", job_id,
+                    type(error).__name__)  # fmt: skip
+        time.sleep(REJECT_PAUSE_S)
+        raise Reject(type(error).__name__, requeue=True) from error
+
+
+def run_delivery(ctx: DeliveryContext, job_id: str, policy: RetryPolicy) -> str:
+    """The task body, callable without Celery: claim the job, deliver, and leave it in a state with a reason.
+
+    A destination that is down schedules the next try as a due time in the DB
+    (``policy.delay``); the node's reconciler publishes it then. Raises only
+    ``OperationalError`` (the audit DB away).
+    """
+    with ctx.audit.session() as session:
+        claim = claim_delivery(session, job_id, ctx.actor, ctx.settings.job_lease_seconds)
+    if not claim.claimed:
+        log.info("job %s not delivered here: %s (was %s)", job_id, claim.outcome.value, claim.state_before or "-")
+        return claim.outcome.value
+    try:
+        with Heartbeat(ctx.audit, job_id, ctx.actor, ctx.settings.job_lease_seconds):
+            deliver_claimed(ctx, job_id)
     except DestinationUnavailableError as error:
-        if retries >= policy.max_retries:
-            fail_job(ctx, job_id, f"{error} (gave up after {retries + 1} attempts)")
-            return "failed"
-        delay = policy.delay(retries)
-        note_retry(ctx, job_id, str(error), delay, retries)
-        raise retry(countdown=delay, exc=error, max_retries=policy.max_retries) from error
+        return _retry_or_fail(ctx, job_id, policy, str(error))
     except DeliveryError as error:
         fail_job(ctx, job_id, str(error))
         return "failed"
+    except OperationalError:
+        raise
+    except Exception as error:  # noqa: BLE001 - any failure ends the job with a reason, never the worker
+        fail_job(ctx, job_id, withheld(error))
+        return "failed"
     return "sent"
+
+
+def _retry_or_fail(ctx: DeliveryContext, job_id: str, policy: RetryPolicy, reason: str) -> str:
+    with ctx.audit.session() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state is not JobState.INFERRED:
+            return "lease lost"
+        if job.retries < policy.max_retries:
+            schedule_retry(session, job, ctx.actor, reason, policy.delay(job.retries), "delivery.retry")
+            return "retry scheduled"
+        retries = job.retries
+    fail_job(ctx, job_id, f"{reason} (gave up after {retries + 1} attempts)")
+    return "failed"

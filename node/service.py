@@ -8,10 +8,11 @@ import threading
 from node.assembler import Assembler
 from node.audit.db import AuditDB, actor_name
 from node.audit.migrate import upgrade
-from node.celery_app import enqueue_analysis, make_celery
+from node.celery_app import enqueue_analysis, enqueue_delivery, make_celery
 from node.config import Settings
 from node.limits import ResourceLimits
 from node.metrics import CountingIngestor, NodeMetrics
+from node.reconciler import Reconciler
 from node.scp import AssociationLog, StorageSCP
 from node.spool import Spool
 from node.supervision import ServiceThreadDiedError
@@ -26,12 +27,15 @@ class NodeService:
         self.settings = settings
         upgrade(settings.audit_url)  # idempotent; keeps the embedded default one command
         self.audit = AuditDB(settings.audit_url)
-        self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 1024 * 1024)
+        self.spool = Spool(settings.spool_dir, settings.min_free_disk_mb * 1024 * 1024, owner="node")
         self.celery = make_celery(settings)
         actor = actor_name("node")
         # issue 6: counters bumped per C-STORE (in memory), DB figures read only when scraped
         self.metrics = NodeMetrics(self.audit)
         self.assembler = Assembler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job), actor)
+        # issue 10: the audit DB drives recovery; this loop re-publishes every overdue job
+        self.reconciler = Reconciler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job),
+                                     lambda job: enqueue_delivery(self.celery, job), actor)  # fmt: skip
         self.scp = StorageSCP(
             settings,
             CountingIngestor(self.spool, self.audit, actor, self.metrics, ResourceLimits.from_settings(settings)),
@@ -53,6 +57,7 @@ class NodeService:
             log.info("removed %d partial write(s) left by an earlier crash", removed)
         self.port = self.scp.start()
         self.assembler.start(on_death=self._on_thread_death)
+        self.reconciler.start(on_death=self._on_thread_death)
         if self.settings.metrics_port:  # issue 6: a failure to bind is logged, never fatal
             self.metrics_port = self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         return self.port
@@ -60,6 +65,7 @@ class NodeService:
     def stop(self) -> None:
         self.scp.stop()
         self.assembler.stop()
+        self.reconciler.stop()
         self.metrics.stop()
         self.audit.dispose()
 
@@ -68,9 +74,14 @@ class NodeService:
         self.start()
         try:
             while not stop.wait(check_seconds):
-                if self.thread_died.is_set() or not self.assembler.loop.alive:
+                if self.thread_died.is_set() or self.silent_deaths():
                     break
         finally:
             self.stop()
-        if self.thread_died.is_set() or (not stop.is_set() and not self.assembler.loop.alive):
-            raise ServiceThreadDiedError(f"background thread(s) died: {', '.join(self.dead_threads) or 'assembler'}")
+        dead = self.dead_threads or self.silent_deaths()
+        if self.thread_died.is_set() or (not stop.is_set() and dead):
+            raise ServiceThreadDiedError(f"background thread(s) died: {', '.join(dead)}")
+
+    def silent_deaths(self) -> list[str]:
+        """Supervised loops that ended without reporting it (should not happen; checked anyway)."""
+        return [loop.name for loop in (self.assembler.loop, self.reconciler.loop) if not loop.alive]

@@ -5,7 +5,7 @@ that was written and fsynced in the same filesystem, so a reader (or a crash)
 never sees half an instance. Layout::
 
     <spool>/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm
-    <spool>/tmp/            partial writes, removed at start-up
+    <spool>/tmp/<owner>/    partial writes of one process: ``node``, or ``<role>-<host>-<pid>``
     <spool>/results/<job>/  inference artefacts
     <spool>/outbox/<job>/   result objects waiting for delivery
 """
@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import socket
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,11 +59,14 @@ def _fsync_dir(path: Path) -> None:
 class Spool:
     """The spool directory of one node (a shared mount when workers run elsewhere)."""
 
-    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, owner: str | None = None) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
         self.incoming = root / "incoming"
-        self.tmp = root / "tmp"
+        # issue 10: each process writes its partial files in a folder of its own, so cleaning up
+        # after a crash never removes a file another live process is writing
+        self.owner = owner or process_owner("proc")
+        self.tmp = root / "tmp" / self.owner
         self.results = root / "results"
         self.outbox = root / "outbox"
         self._folders: set[Path] = set()  # study folders known to exist (skips a mkdir per instance)
@@ -71,11 +75,20 @@ class Spool:
             folder.mkdir(parents=True, exist_ok=True)
 
     def clear_partial_writes(self) -> int:
-        """Remove temporary files a crash left behind; returns how many."""
-        removed = 0
-        for leftover in self.tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-            removed += 1
+        """Remove temporary files this owner's earlier life (a crash) left behind; returns how many.
+
+        Touches only this owner's folder, and the folders of processes on this host that are
+        gone (their pid no longer runs); another live process's partial files are never removed.
+        """
+        removed = _clear_folder(self.tmp)
+        host = socket.gethostname()
+        for folder in self.tmp.parent.iterdir():
+            if folder.is_file():  # a partial file of the flat layout before owners
+                folder.unlink(missing_ok=True)
+                removed += 1
+            elif folder != self.tmp and _owner_is_gone(folder.name, host):
+                removed += _clear_folder(folder)
+                folder.rmdir()
         return removed
 
     def instance_path(self, study_uid: str, sop_instance_uid: str) -> Path:
@@ -133,6 +146,33 @@ class Spool:
             self._folders.discard(final.parent)
             self._ensure_folder(final.parent)
             return _link_or_replace(tmp, final, replace)
+
+
+def process_owner(role: str) -> str:
+    """The tmp folder name of this process: ``<role>-<host>-<pid>``."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _owner_is_gone(name: str, host: str) -> bool:
+    """Whether tmp folder ``name`` belongs to a process of this host that no longer runs."""
+    prefix, _, pid = name.rpartition("-")
+    if not prefix.endswith(f"-{host}") or not pid.isdigit():
+        return False  # the node's own, or another host's (a shared spool): not ours to judge
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _clear_folder(folder: Path) -> int:
+    removed = 0
+    for leftover in folder.iterdir():
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def _sha256_hex(data: bytes) -> str:

@@ -17,7 +17,6 @@ import socket
 from pathlib import Path
 
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from node.cli.common import HelpFormatter, setup_logging
 
@@ -60,6 +59,13 @@ def _export_settings(args: argparse.Namespace) -> None:
     for name, value in (("GVR_CONFIG", args.config), ("GVR_DEVICE", args.device), ("GVR_BUNDLE_DIR", args.bundle)):
         if value is not None:
             os.environ[name] = str(Path(value).resolve()) if isinstance(value, Path) else str(value)
+    # issue 11: the audit names a worker as Flower does, by its Celery node name (node.audit.db.actor_name)
+    from celery.utils.nodenames import host_format
+
+    from node.audit.db import WORKER_NODENAME_VARIABLE
+
+    args.hostname = host_format(args.hostname)
+    os.environ[WORKER_NODENAME_VARIABLE] = args.hostname
 
 
 def _rationale_options(args: argparse.Namespace) -> dict[str, object]:
@@ -89,16 +95,22 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, FileNotFoundError) as error:
         log.error("invalid settings: %s", error)
         return 2
-    from inference.worker_app import available_task_modules, make_worker_app, requeue_orphaned_jobs
+    from inference.worker_app import make_worker_app, task_modules_for
 
-    app = make_worker_app(settings, args.visibility_timeout, rationale)
     if "gpu" in queues:
+        # issue 11: a worker that cannot load its bundle on its device refuses to start, with the reason
+        from inference.bundle import BundleInvalidError
+        from inference.predict import resolve_bundle
+
         try:
-            requeue_orphaned_jobs(settings, app)
-        except SQLAlchemyError as error:
-            log.warning("could not look for jobs orphaned by a dead worker: %s", error)
+            resolve_bundle(settings.bundle_dir, settings.device)
+        except (BundleInvalidError, FileNotFoundError, RuntimeError) as error:
+            log.error("cannot start: the gpu worker cannot load its model bundle on %s: %s", settings.device, error)
+            return 2
+    modules = task_modules_for(queues)
+    app = make_worker_app(settings, args.visibility_timeout, rationale, modules)
     log.info("worker %s: queues %s, pool %s x%d, device %s, tasks from %s", args.hostname, ",".join(queues),
-             args.pool, args.concurrency, settings.device, ", ".join(available_task_modules()))
+             args.pool, args.concurrency, settings.device, ", ".join(modules))
     app.worker_main(["worker", "--queues", ",".join(queues), "--pool", args.pool, "--concurrency",
                      str(args.concurrency), "--hostname", args.hostname,
                      "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-gossip", "--without-mingle"])

@@ -18,6 +18,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes (stored as UTC); PostgreSQL aware ones."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _enum(kind: type[enum.Enum]) -> Enum:
     return Enum(
         kind,
@@ -43,6 +48,7 @@ class InstanceStatus(enum.StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
+    CONFLICT = "conflict"  # issue 9: same SOP Instance UID, other content or study; that copy is quarantined
 
 
 class StudyState(enum.StrEnum):
@@ -138,6 +144,7 @@ class Job(Base):
     """One inference job: a study's eligible images through predict, explain, deliver."""
 
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state", "state"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
@@ -153,6 +160,15 @@ class Job(Base):
     model_version: Mapped[str | None] = mapped_column(String(64))
     error: Mapped[str | None] = mapped_column(Text)
     result: Mapped[dict[str, Any] | None]
+    # issue 10: the audit DB drives recovery (node.reconciler). The current phase (analysis while
+    # QUEUED/RUNNING, delivery while INFERRED) is due again at next_attempt_at (a scheduled retry),
+    # is held by ``worker`` until lease_expires_at (renewed by its heartbeat), was retried
+    # ``retries`` times and re-published ``republished`` times; both counts restart with each phase.
+    next_attempt_at: Mapped[datetime | None]
+    lease_expires_at: Mapped[datetime | None]
+    retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    republished: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    follows_job_id: Mapped[str | None] = mapped_column(String(36))  # an earlier job of the same study
 
     study: Mapped[Study] = relationship(back_populates="jobs")
     images: Mapped[list[JobImage]] = relationship(back_populates="job", order_by="JobImage.id")

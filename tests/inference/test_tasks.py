@@ -4,9 +4,8 @@ The worker tests start ``gvr worker`` (solo pool; prefork on SQLite) as a subpro
 server-less broker (kombu's SQLAlchemy transport on SQLite) and against Redis,
 and wait for the audit DB to say the job is done. The kill tests SIGKILL the
 worker while the job is RUNNING (a slow rationale config makes sure it is) and
-start a second one: on Redis the job comes back after the visibility timeout
-(``--visibility-timeout 3``); on SQLite the second worker finds the job RUNNING
-under a dead pid of this host and queues it again.
+start a second one: the job's lease expires and the node's reconciler (run here
+in the test process) publishes it again, on either broker.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,10 @@ from inference.bundle import Bundle
 from inference.tasks import WorkerContext, run_analysis
 from node.artefacts import ARRAY_NAMES, load_array, read_job_result
 from node.audit.db import AuditDB
-from node.audit.models import Event, Job, JobState
-from node.celery_app import QUEUE_DICOM, enqueue_analysis, make_celery
+from node.audit.models import Event, Job, JobState, as_utc, utcnow
+from node.celery_app import QUEUE_DICOM, enqueue_analysis, enqueue_delivery, make_celery
 from node.config import Settings, load_settings
+from node.reconciler import Reconciler
 from node.spool import Spool
 from tests.factories import make_image
 from tests.inference.jobs import create_job, spool_phantoms
@@ -55,6 +56,16 @@ def context(settings: Settings, tiny_bundle: Bundle) -> Iterator[WorkerContext]:
     ctx = WorkerContext(settings, AuditDB(settings.audit_url), Spool(settings.spool_dir), tiny_bundle, "test:1:worker")
     yield ctx
     ctx.audit.dispose()
+
+
+def wait_until_true(probe: Callable[[], Any], timeout: float, interval: float = 0.5) -> Any:
+    """The first truthy value ``probe`` returns within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"nothing within {timeout} s")
+        time.sleep(interval)
+    return value
 
 
 def _job(settings: Settings, seeds: list[int], extra_paths: list[Path] = ()) -> str:
@@ -92,18 +103,24 @@ def test_run_analysis_writes_artefacts_and_marks_inferred(settings: Settings, co
 
 
 def test_run_analysis_rerun_is_idempotent(settings: Settings, context: WorkerContext) -> None:
-    """INFERRED: not recomputed, delivery re-sent; a redelivered RUNNING job writes identical arrays."""
+    """INFERRED: not recomputed, nothing re-sent; a RUNNING job whose lease expired writes identical arrays."""
     job_id = _job(settings, [3])
     sent: list[str] = []
     run_analysis(context, job_id, sent.append)
     key = read_job_result(context.spool.results, job_id).images[0].key
     first = {name: load_array(context.spool.results, job_id, key, name) for name in ARRAY_NAMES}
-    assert run_analysis(context, job_id, sent.append) == "already inferred"
-    assert sent == [job_id, job_id]
+    assert run_analysis(context, job_id, sent.append) == "done"
+    assert sent == [job_id]
     with context.audit.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        job.state = JobState.RUNNING  # as if the worker died after writing, before committing
+        job.state, job.worker = JobState.RUNNING, "gone:1:worker"  # the worker died after writing
+        job.lease_expires_at = utcnow() + timedelta(seconds=30)
+    assert run_analysis(context, job_id, sent.append) == "taken"  # its lease still runs: not ours
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
     assert run_analysis(context, job_id, sent.append) == "inferred"
     for name in ARRAY_NAMES:
         np.testing.assert_array_equal(load_array(context.spool.results, job_id, key, name), first[name])
@@ -144,23 +161,45 @@ def test_run_analysis_without_usable_image_fails(settings: Settings, context: Wo
     assert not (context.spool.results / job_id).exists()
 
 
-def test_retry_hook_requeues_so_the_cap_counts_dead_workers_only(settings: Settings, context: WorkerContext,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A transient error's retry sets QUEUED (event job.retry): three retries later the job still runs."""
+def test_transient_error_schedules_a_retry_in_the_db(settings: Settings, context: WorkerContext,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient error: QUEUED with a due time (no countdown message), not a death; runs once due."""
     from inference import tasks
 
-    monkeypatch.setattr(tasks.PROCESS, "_context", context)
     job_id = _job(settings, [8])
+    real = tasks._analyse
+    monkeypatch.setattr(tasks, "_analyse", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert run_analysis(context, job_id, lambda _: None) == "retry scheduled"
+    with context.audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.QUEUED and job.retries == 1 and job.attempts == 1
+        assert job.next_attempt_at is not None and job.lease_expires_at is None
+        assert 0 < (as_utc(job.next_attempt_at) - utcnow()).total_seconds() <= tasks.retry_delay(0)
+    monkeypatch.setattr(tasks, "_analyse", real)
+    assert run_analysis(context, job_id, lambda _: None) == "not due"
     with context.audit.session() as session:
         job = session.get(Job, job_id)
         assert job is not None
-        job.state, job.attempts = JobState.RUNNING, 3  # three starts, each ended by a transient error
-    tasks.analyze_study.on_retry(OSError("spool: No space left on device"), "task-1", [job_id], {}, None)
-    with context.audit.session() as session:
-        job = session.get(Job, job_id)
-        assert job is not None and job.state is JobState.QUEUED
+        job.next_attempt_at = utcnow() - timedelta(seconds=1)
     assert run_analysis(context, job_id, lambda _: None) == "inferred"
-    assert _events(context.audit, job_id) == ["job.retry", "job.running", "job.inferred"]
+    assert _events(context.audit, job_id) == ["job.running", "job.retry", "job.running", "job.inferred"]
+
+
+def test_any_error_in_a_task_ends_the_job_failed_with_a_sentence(settings: Settings, context: WorkerContext,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError or a bug in the task: FAILED with a sentence naming what to do, no repr, no raise."""
+    from inference import tasks
+
+    for seed, error in ((9, MemoryError()), (10, TypeError("'<' not supported between instances of 'str' and 'int'"))):
+        job_id = _job(settings, [seed])
+        monkeypatch.setattr(tasks, "_analyse", lambda *a, error=error: (_ for _ in ()).throw(error))
+        assert run_analysis(context, job_id, lambda _: None) == "failed"
+        with context.audit.session() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.state is JobState.FAILED and job.error is not None
+            assert job.lease_expires_at is None and f"gvr rerun {job_id}" in job.error
+            assert "not supported" not in job.error  # a library message may quote data: withheld
+            assert ("out of memory" in job.error) == isinstance(error, MemoryError)
 
 
 # -- a real worker process -----------------------------------------------------------------------
@@ -264,11 +303,12 @@ def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | N
 
 def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings, broker_url: str | None,
                                                              worker: Callable[..., Any]) -> None:
-    """SIGKILL while RUNNING, start another worker: one complete re-run, one result, one delivery."""
+    """SIGKILL while RUNNING, start another worker: the lease expires, the reconciler publishes the job
+    again (Redis's visibility timeout stays at its default hour), one complete re-run, one delivery."""
     job_id = _job(settings, [7])
-    env = _worker_env(settings, broker_url)
-    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url)
-    extra = ["--visibility-timeout", "3"] if broker_url else []
+    env = {**_worker_env(settings, broker_url), "GVR_JOB_LEASE_SECONDS": "3"}
+    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url, job_lease_seconds=3)
+    extra: list[str] = []
     first = worker(env, *SLOW, *extra)
     enqueue_analysis(make_celery(worker_settings), job_id)
     audit = AuditDB(settings.audit_url)
@@ -277,6 +317,11 @@ def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings,
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     worker(env, *extra)
+    celery = make_celery(worker_settings)
+    reconciler = Reconciler(worker_settings, audit, lambda job: enqueue_analysis(celery, job),
+                            lambda job: enqueue_delivery(celery, job), "test:1:node")
+    republished = wait_until_true(lambda: reconciler.run_once().published, timeout=20)
+    assert republished == [job_id]
     job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
     assert job.state is JobState.INFERRED and job.attempts == 2, job.error
     kinds = _events(audit, job_id)

@@ -26,9 +26,10 @@ from PIL import Image
 from sqlalchemy import select
 
 from node.audit.migrate import upgrade
-from node.audit.models import Delivery, DeliveryStatus, Event, Job, JobState, Study, StudyState
-from node.celery_app import QUEUE_DICOM, TASK_DELIVER, make_celery
+from node.audit.models import Delivery, DeliveryStatus, Event, Job, JobState, Study, StudyState, as_utc, utcnow
+from node.celery_app import QUEUE_DICOM, TASK_DELIVER, enqueue_delivery, make_celery
 from node.config import Peer, Settings
+from node.reconciler import Reconciler
 from node.delivery import (
     DeliveryContext,
     DeliveryError,
@@ -201,7 +202,7 @@ def _screenshot_explorer(orthanc: Orthanc, study_id: str, tmp_path: Path) -> Non
 def test_deliver_job_pacs_down_then_back_stores_once(inferred_job: Any, pacs: Orthanc) -> None:
     """PACS down: failed rows, still INFERRED; back: SENT; re-sending the same UIDs adds no copy."""
     delivered = inferred_job([peer_of(pacs)])
-    with pytest.raises(DestinationUnavailableError, match="refused, rejected or timed out"):
+    with pytest.raises(DestinationUnavailableError, match="connection refused"):
         deliver_job(delivered.ctx, delivered.job_id)
     assert [d.status for d in delivered.deliveries()] == [DeliveryStatus.FAILED] * OBJECTS
     assert delivered.state().state == JobState.INFERRED
@@ -222,27 +223,23 @@ def test_deliver_job_pacs_down_then_back_stores_once(inferred_job: Any, pacs: Or
     assert all(o.skipped for o in forced.outcomes)  # nothing sent again to a PACS that has it all
 
 
-class RetryScheduled(Exception):
-    """What the stand-in for Celery's ``Task.retry`` raises, carrying its arguments."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(kwargs)
-        self.kwargs = kwargs
-
-
-def _retry(**kwargs: Any) -> RetryScheduled:
-    raise RetryScheduled(**kwargs)
-
-
-def test_run_delivery_destination_down_retries_with_backoff(inferred_job: Any) -> None:
-    """Destination down, retries left: the next try is scheduled 2**n * first_delay later, with an event."""
+def test_run_delivery_destination_down_schedules_a_retry_in_the_db(inferred_job: Any) -> None:
+    """Destination down, retries left: a due time policy.delay(n) ahead in the DB, an event, no lease held."""
     delivered = inferred_job([Peer(ae_title="NOBODY", host=LOOPBACK, port=free_port())])
     policy = RetryPolicy(max_retries=3, first_delay=2.0, max_delay=5.0)
-    with pytest.raises(RetryScheduled) as scheduled:
-        run_delivery(delivered.ctx, delivered.job_id, policy, 1, _retry)
-    assert scheduled.value.kwargs["countdown"] == 4.0 and scheduled.value.kwargs["max_retries"] == 3
+    with delivered.ctx.audit.session() as session:
+        job = session.get(Job, delivered.job_id)
+        assert job is not None
+        job.retries = 1  # one retry already behind it: the next waits 2 * 2**1 s
+    before = utcnow()
+    assert run_delivery(delivered.ctx, delivered.job_id, policy) == "retry scheduled"
+    job = delivered.state()
+    assert job.state == JobState.INFERRED and job.retries == 2 and job.lease_expires_at is None
+    assert job.next_attempt_at is not None
+    assert 4.0 <= (as_utc(job.next_attempt_at) - before).total_seconds() < 5.0
     assert policy.delay(5) == 5.0  # capped
-    assert delivered.state().state == JobState.INFERRED and len(delivered.events("delivery.retry")) == 1
+    assert len(delivered.events("delivery.retry")) == 1
+    assert run_delivery(delivered.ctx, delivered.job_id, policy) == "not due"  # a duplicate message waits
 
 
 def test_run_delivery_gives_up_after_cap_then_resend_delivers(
@@ -251,7 +248,11 @@ def test_run_delivery_gives_up_after_cap_then_resend_delivers(
     """Out of retries: FAILED with the reason and `gvr resend`; `gvr resend --now` delivers once it is up."""
     delivered = inferred_job([peer_of(pacs)])
     policy = RetryPolicy(max_retries=2, first_delay=0.1, max_delay=0.1)
-    assert run_delivery(delivered.ctx, delivered.job_id, policy, 2, _retry) == "failed"
+    with delivered.ctx.audit.session() as session:
+        job = session.get(Job, delivered.job_id)
+        assert job is not None
+        job.retries = 2
+    assert run_delivery(delivered.ctx, delivered.job_id, policy) == "failed"
     job = delivered.state()
     assert job.state == JobState.FAILED and job.error is not None
     assert f"gvr resend {delivered.job_id}" in job.error and "refused" in job.error
@@ -319,7 +320,8 @@ def _wait_for(condition: Callable[[], bool], timeout: float, what: str, log: Pat
 
 
 def test_worker_delivers_once_pacs_returns(inferred_job: Any, pacs: Orthanc, tmp_path: Path) -> None:
-    """A real `celery worker -Q dicom` (sqla+sqlite broker) retries while the PACS is down, then SENT."""
+    """A real `celery worker -Q dicom` (sqla+sqlite broker) while the PACS is down: each retry is a due
+    time in the DB that the node's reconciler (run here) publishes; SENT once the PACS is back."""
     delivered = inferred_job([peer_of(pacs)])
     settings = delivered.ctx.settings
     (tmp_path / "gvr_delivery_worker.py").write_text(_WORKER_APP)
@@ -332,6 +334,9 @@ def test_worker_delivers_once_pacs_returns(inferred_job: Any, pacs: Orthanc, tmp
                "--without-mingle"]  # fmt: skip
     worker = start_process(command, log, env, cwd=tmp_path)
     producer = make_celery(settings)
+    reconciler = Reconciler(settings, delivered.ctx.audit, lambda job: None,
+                            lambda job: enqueue_delivery(producer, job), "test:1:node")  # fmt: skip
+    reconciler.start()
     try:
         producer.send_task(TASK_DELIVER, args=[delivered.job_id], queue=QUEUE_DICOM)
         _wait_for(lambda: any(d.status == DeliveryStatus.FAILED for d in delivered.deliveries()), 60,
@@ -340,12 +345,13 @@ def test_worker_delivers_once_pacs_returns(inferred_job: Any, pacs: Orthanc, tmp
         pacs.upload(delivered.job.source_path)
         _wait_for(lambda: delivered.state().state == JobState.SENT, 60, "job SENT", log)
     finally:
+        reconciler.stop()
         stop_process(worker, timeout=15)
     study = study_instances(pacs, str(delivered.job.source.StudyInstanceUID))
     assert len(study) == OBJECTS + 1 and len(pacs.find_instances()) == OBJECTS + 1
     sent = [d for d in delivered.deliveries() if d.status == DeliveryStatus.SENT]
     assert len(sent) == OBJECTS and len({d.sop_instance_uid for d in sent}) == OBJECTS
-    assert delivered.events("delivery.retry")
+    assert delivered.events("delivery.retry") and delivered.events("job.republished")
 
 
 def test_task_failure_hook_marks_job_failed(inferred_job: Any, monkeypatch: pytest.MonkeyPatch) -> None:
