@@ -29,8 +29,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.audit.db import AuditDB
 from node.audit.models import Delivery, DeliveryStatus, Job, JobState
+from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, IngestResult, StoreRequest
+from node.metrics_health import HealthCollector
 from node.limits import ResourceLimits
 from node.spool import Spool
 
@@ -45,7 +47,7 @@ _OBSERVED_WINDOW = timedelta(minutes=10)
 class NodeMetrics:
     """The node's registry: ingest counters plus the audit-DB collector."""
 
-    def __init__(self, audit: AuditDB | None = None) -> None:
+    def __init__(self, audit: AuditDB | None = None, settings: Settings | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.instances_received = Counter(
             "gvr_instances_received", "C-STORE requests answered by the SCP (any status)", registry=self.registry
@@ -63,6 +65,8 @@ class NodeMetrics:
         if audit is not None:
             self.collector = AuditCollector(audit, self.turnaround)
             self.registry.register(self.collector)
+            # issue 11: queue depth, live workers, durations, failures by cause and per job
+            self.registry.register(HealthCollector(settings, audit))
         self._server: Any = None
 
     def count_store(self, result: IngestResult) -> None:
@@ -82,7 +86,8 @@ class NodeMetrics:
         try:
             server, _thread = start_http_server(port, addr=address, registry=self.registry)
         except OSError as error:
-            log.error("metrics endpoint not started on %s:%d: %s (the node runs without it)", address, port, error)
+            log.error("metrics endpoint not started on %s:%d: %s (setting metrics_port, GVR_METRICS_PORT; "
+                      "the node runs without it)", address, port, error)  # fmt: skip
             return None
         self._server = server
         bound = int(server.server_address[1])
@@ -151,9 +156,6 @@ class AuditCollector(Collector):
         for state in JobState:
             by_state.add_metric([state.value], float(jobs.get(state, 0)))
         yield by_state
-        failed = CounterMetricFamily("gvr_delivery_failures", "C-STORE deliveries of results that failed")
-        failed.add_metric([], float(deliveries.get(DeliveryStatus.FAILED, 0)))
-        yield failed
         sent = CounterMetricFamily("gvr_deliveries_sent", "result objects C-STOREd to a destination")
         sent.add_metric([], float(deliveries.get(DeliveryStatus.SENT, 0)))
         yield sent

@@ -31,7 +31,7 @@ class NodeService:
         self.celery = make_celery(settings)
         actor = actor_name("node")
         # issue 6: counters bumped per C-STORE (in memory), DB figures read only when scraped
-        self.metrics = NodeMetrics(self.audit)
+        self.metrics = NodeMetrics(self.audit, settings)
         self.assembler = Assembler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job), actor)
         # issue 10: the audit DB drives recovery; this loop re-publishes every overdue job
         self.reconciler = Reconciler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job),

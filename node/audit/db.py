@@ -23,9 +23,17 @@ class AuditUnavailableError(RuntimeError):
     """The audit database cannot be reached or written; nothing may be acknowledged."""
 
 
+# Set by `gvr worker` to its Celery node name, so the audit names workers as Flower and `gvr status` do.
+WORKER_NODENAME_VARIABLE = "GVR_WORKER_NODENAME"
+
+
 def actor_name(process: str) -> str:
-    """Who did it: host, pid and role, e.g. ``ward-7:4211:scp``."""
-    return f"{socket.gethostname()}:{os.getpid()}:{process}"
+    """Who did it: host, pid and role, e.g. ``ward-7:4211:scp``.
+
+    In a ``gvr worker`` process: the Celery node name and pid, e.g. ``gpu0@ward-7:4211``.
+    """
+    node = os.environ.get(WORKER_NODENAME_VARIABLE) if process == "worker" else None
+    return f"{node}:{os.getpid()}" if node else f"{socket.gethostname()}:{os.getpid()}:{process}"
 
 
 def make_engine(url: str) -> Engine:

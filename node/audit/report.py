@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from node.audit.models import Association, Event, Instance, InstanceStatus, Job, Study
+from node.audit.outcome import job_outcome
 from node.log_hygiene import escape_controls
 
 ASSOCIATION_COLUMNS = ("id", "started_at", "ended_at", "calling_ae", "called_ae", "peer", "outcome", "tls",
@@ -26,7 +28,8 @@ ASSOCIATION_COLUMNS = ("id", "started_at", "ended_at", "calling_ae", "called_ae"
 # The tables show what a person scans for; --json carries every field.
 STUDY_COLUMNS = ("id", "study_uid", "state", "last_received_at", "assembled_at", "accepted", "duplicate",
                  "rejected", "reason")  # fmt: skip
-JOB_COLUMNS = ("id", "study_uid", "state", "attempts", "worker", "updated_at", "error")
+JOB_COLUMNS = ("id", "study_uid", "state", "finding", "probability", "ood", "attempts", "worker", "updated_at",
+               "error")  # fmt: skip
 EVENT_COLUMNS = ("id", "at", "kind", "subject", "actor", "message")
 _PHI_KEY = re.compile("patient", re.IGNORECASE)
 
@@ -73,7 +76,7 @@ class AuditReport:
         return json.dumps(self.as_json(), indent=2, ensure_ascii=True).replace("\x7f", "\\u007f")
 
     def render(self, max_width: int = 48) -> str:
-        """Aligned plain-text tables, one per list, times in UTC."""
+        """Aligned plain-text tables, one per list, times in UTC; free text wrapped at ``max_width``."""
         sections = (
             ("Associations", ASSOCIATION_COLUMNS, self.associations),
             ("Studies", STUDY_COLUMNS, self.studies),
@@ -181,7 +184,7 @@ def _jobs(session: Session, limit: int, study_uid: str | None, job_id: str | Non
             "id": job.id, "study_uid": uid, "state": job.state.value, "attempts": job.attempts,
             "worker": job.worker, "device": job.device, "model_version": job.model_version,
             "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
-            "finished_at": job.finished_at, "error": job.error,
+            "finished_at": job.finished_at, "error": job.error, **job_outcome(job.result),
         })  # fmt: skip
     return rows
 
@@ -233,27 +236,35 @@ def _json_value(value: Any) -> Any:
     return _as_utc(value).isoformat() if isinstance(value, datetime) else value
 
 
-def _cell(value: Any, max_width: int) -> str:
+def _cell(value: Any, max_width: int) -> list[str]:
+    """The cell's lines: free text wrapped at ``max_width`` (nothing is cut), one line otherwise."""
     if value is None:
         text = "-"
     elif isinstance(value, bool):
         text = "yes" if value else "no"
     elif isinstance(value, datetime):
         text = _as_utc(value).strftime("%Y-%m-%d %H:%M:%S")
+    elif isinstance(value, float):
+        text = f"{value:.3f}"
     else:  # peer strings (AE titles, reasons quoting header values) never drive the terminal
         text = escape_controls(" ".join(str(value).split()))
-    return text if len(text) <= max_width else text[: max_width - 3] + "..."
+    if len(text) <= max_width or " " not in text:  # identifiers (UIDs) stay whole
+        return [text]
+    return textwrap.wrap(text, max_width, break_long_words=False, break_on_hyphens=False)
 
 
 def render_table(columns: Sequence[str], rows: Sequence[dict[str, Any]], max_width: int = 48) -> str:
-    """Left-aligned columns separated by two spaces; long cells end in '...'; no rows: '(none)'."""
+    """Left-aligned columns separated by two spaces; long text wraps onto more lines; no rows: '(none)'."""
     if max_width < 4:
         raise ValueError(f"invalid max_width {max_width}: cells need at least 4 characters")
     if not rows:
         return "(none)"
     cells = [[_cell(row.get(column), max_width) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    widths = [max(len(column), *(len(text) for line in cells for text in line[i])) for i, column in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+    for row in cells:
+        for depth in range(max(len(cell) for cell in row)):
+            parts = [(cell[depth] if depth < len(cell) else "").ljust(w) for cell, w in zip(row, widths, strict=True)]
+            lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)

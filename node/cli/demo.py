@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--studies", type=int, default=4, help="phantom studies to send (half positive)")
     parser.add_argument("--out", type=Path, default=None, help="folder for everything (default gvr-data/demo-<time>)")
     parser.add_argument("--timeout", type=float, default=100.0, help="seconds to wait for all results")
+    parser.add_argument(
+        "--keep", action="store_true",
+        help="leave Orthanc and the review page (gvr web) running afterwards, and print their URLs",
+    )  # fmt: skip
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -37,4 +41,4 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = args.out or Path("gvr-data") / time.strftime("demo-%Y%m%d-%H%M%S")
     print(f"gvr demo: everything goes to {folder.resolve()}")
-    return run_demo(folder.resolve(), args.studies, args.timeout)
+    return run_demo(folder.resolve(), args.studies, args.timeout, keep=args.keep)

@@ -50,7 +50,7 @@ class OrthancPacs:
 
     name = "Orthanc"
 
-    def __init__(self, folder: Path, node_peer: Peer) -> None:
+    def __init__(self, folder: Path, node_peer: Peer, detached: bool = False) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.http_port = free_port()
         self.peer = Peer(ae_title="ORTHANC", host="127.0.0.1", port=free_port())
@@ -64,8 +64,9 @@ class OrthancPacs:
         (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
         log = (folder / "orthanc.log").open("wb")
         env = dict(os.environ, TCP_NODELAY="1")
-        self.process = subprocess.Popen(
-            ["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=log, env=env, cwd=folder
+        self.process = subprocess.Popen(  # detached: its own session, so it outlives the demo (--keep)
+            ["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=log, env=env, cwd=folder,
+            start_new_session=detached,
         )
         _wait_for(self._answers, 30, "Orthanc")
 
@@ -159,8 +160,8 @@ class BuiltinPacs:
         self.server.shutdown()
 
 
-def start_pacs(folder: Path, node_peer: Peer) -> DemoPacs:
-    """Orthanc when it is installed (a real PACS), else the built-in receiver."""
+def start_pacs(folder: Path, node_peer: Peer, detached: bool = False) -> DemoPacs:
+    """Orthanc when it is installed (a real PACS), else the built-in receiver (which lives in this process)."""
     if shutil.which("Orthanc"):
-        return OrthancPacs(folder / "orthanc", node_peer)
+        return OrthancPacs(folder / "orthanc", node_peer, detached)
     return BuiltinPacs(folder / "pacs")

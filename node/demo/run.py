@@ -6,7 +6,6 @@ folder, so a second run never touches the first. ``benchmarks.e2e`` reuses these
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import os
@@ -22,10 +21,11 @@ from sqlalchemy import select
 
 from node.audit.models import Job, JobState, Study
 from node.config import Peer, load_settings
-from node.demo.pacs import DemoPacs, free_port, start_pacs
-from node.results.build import write_previews
+from node.demo.pacs import DemoPacs, OrthancPacs, free_port, start_pacs
+from node.demo.review import DEMO_USER, add_demo_user, start_web, truth_label, write_named_previews
 from node.scu import FileToSend, send_files
 from node.service import NodeService
+from node.study_key import study_key
 
 log = logging.getLogger(__name__)
 DEMO_SEEDS_FROM = 9_000_000  # far from every seed range the demo bundle was trained or evaluated on
@@ -53,6 +53,7 @@ class DemoEnvironment:
     service: NodeService
     node_peer: Peer
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    keep_pacs: bool = False  # set once the run succeeded with --keep: Orthanc is left running
 
 
 def make_studies(folder: Path, count: int, first_seed: int = DEMO_SEEDS_FROM) -> list[DemoStudy]:
@@ -91,16 +92,18 @@ def _node_env(folder: Path, node_port: int, pacs: DemoPacs) -> dict[str, str]:
 
 
 @contextmanager
-def demo_environment(folder: Path, worker_queues: list[str]) -> Iterator[DemoEnvironment]:
+def demo_environment(folder: Path, worker_queues: list[str], keep: bool = False) -> Iterator[DemoEnvironment]:
     """A PACS, a node (in this process) and one worker process per entry of ``worker_queues``.
 
     An entry is ``gvr worker`` arguments after ``--queues``: "gpu,dicom", or
     "dicom --pool threads --concurrency 2"; the pool defaults to solo (no fork, quick start).
+    With ``keep``, Orthanc starts in a session of its own, and is left running when the
+    caller sets ``keep_pacs``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     node_port = free_port()
     node_peer = Peer(ae_title="GVRNODE", host="127.0.0.1", port=node_port)
-    pacs = start_pacs(folder, node_peer)
+    pacs = start_pacs(folder, node_peer, detached=keep)
     env = _node_env(folder, node_port, pacs)
     os.environ.update({k: v for k, v in env.items() if k.startswith("GVR_")})
     service = NodeService(load_settings())
@@ -124,7 +127,8 @@ def demo_environment(folder: Path, worker_queues: list[str]) -> Iterator[DemoEnv
             except subprocess.TimeoutExpired:
                 worker.kill()
         service.stop()
-        pacs.stop()
+        if not (demo.keep_pacs and isinstance(pacs, OrthancPacs)):
+            pacs.stop()
 
 
 def send_study(study: DemoStudy, node_peer: Peer) -> None:
@@ -154,13 +158,13 @@ def jobs_by_study(service: NodeService) -> dict[str, Job]:
 
 
 def print_summary(studies: list[DemoStudy], jobs: dict[str, Job], pacs: DemoPacs) -> None:
-    header = f"{'study':9} {'truth':8} {'BNP':>6} {'p(HF)':>6}  {'finding':23} {'steps':>5} {'turnaround':>10}  sent"
+    header = f"{'study key':9} {'truth':8} {'BNP':>6} {'p(HF)':>6}  {'finding':23} {'steps':>5} {'turnaround':>10}  sent"
     print(header)
     print("-" * (len(header) + 30))
     for study in studies:
         job = jobs.get(study.study_uid)
-        key = hashlib.sha256(study.study_uid.encode()).hexdigest()[:8]
-        truth = "HF+" if study.truth_positive else "HF-"
+        key = study_key(study.study_uid)
+        truth = truth_label(study.truth_positive)
         image = (((job.result if job else None) or {}).get("images") or [{}])[0]
         probability = image.get("probability")
         positive = image.get("positive")
@@ -172,8 +176,8 @@ def print_summary(studies: list[DemoStudy], jobs: dict[str, Job], pacs: DemoPacs
         print(f"{key:9} {truth:8} {study.bnp:6.0f} {p}  {finding:23} {image.get('steps', '-')!s:>5} {turnaround}  {sent}")
 
 
-def run_demo(folder: Path, count: int, timeout: float) -> int:
-    with demo_environment(folder, ["gpu,dicom"]) as demo:
+def run_demo(folder: Path, count: int, timeout: float, keep: bool = False) -> int:
+    with demo_environment(folder, ["gpu,dicom"], keep) as demo:
         print(f"node GVRNODE on 127.0.0.1:{demo.node_peer.port}; results go to {demo.pacs.name} ({demo.pacs.peer})")
         print(f"generating {count} phantom studies (1024x1024 DX, synthetic patients) ...")
         studies = make_studies(folder / "studies", count)
@@ -191,10 +195,41 @@ def run_demo(folder: Path, count: int, timeout: float) -> int:
         jobs = jobs_by_study(demo.service)
         print()
         print_summary(studies, jobs, demo.pacs)
-        previews = folder / "previews"
-        previews.mkdir(exist_ok=True)
-        sent = [job for job in jobs.values() if job.state == JobState.SENT]
-        written = [p for job in sent for p in write_previews(demo.service.spool, job.id, previews)]
-        print(f"\npreviews: {len(written)} PNG(s) in {previews}")
-        print(f"audit trail: GVR_DATA_DIR={folder / 'node'} gvr audit")
-        return 0 if all(study.reported_at for study in studies) else 1
+        written = write_previews_of(demo.service, studies, jobs, folder / "previews")
+        print(f"\npreviews: {len(written)} PNG(s) in {folder / 'previews'}, named <truth>_<study key>_<picture>.png")
+        ok = all(study.reported_at for study in studies)
+        demo.keep_pacs = keep and ok
+        print_next_steps(folder, demo, keep and ok)
+        return 0 if ok else 1
+
+
+def write_previews_of(service: NodeService, studies: list[DemoStudy], jobs: dict[str, Job], folder: Path) -> list[Path]:
+    written = []
+    for study in studies:
+        job = jobs.get(study.study_uid)
+        if job is not None and job.state == JobState.SENT:
+            written += write_named_previews(service.spool, job.id, study.study_uid, study.truth_positive, folder)
+    return written
+
+
+def print_next_steps(folder: Path, demo: DemoEnvironment, keep: bool) -> None:
+    """Commands that work as printed from the repository root (``.venv/bin/gvr``, absolute paths)."""
+    data_dir = folder / "node"
+    password = add_demo_user(data_dir / "web-users")
+    env = f"GVR_DATA_DIR={data_dir}"
+    print("\nnext:")
+    print(f"  audit trail:  {env} .venv/bin/gvr audit")
+    if not keep:
+        print(f"  review page:  {env} .venv/bin/gvr web   (then http://127.0.0.1:8080/, user {DEMO_USER}, "
+              f"password {password})")  # fmt: skip
+        print("  keep Orthanc and the review page running after the demo: .venv/bin/gvr demo --keep")
+        return
+    web = start_web(data_dir, folder / "web.log")
+    print(f"  review page:  {web.url}/  (user {DEMO_USER}, password {password})")
+    stop = [str(web.pid)]
+    if isinstance(demo.pacs, OrthancPacs):
+        print(f"  Orthanc:      {demo.pacs.url}/app/explorer.html  (the results are in each study)")
+        stop.append(str(demo.pacs.process.pid))
+    else:
+        print(f"  ({demo.pacs.name}: stopped with the demo; install orthanc to keep a PACS running)")
+    print(f"  stop them:    kill {' '.join(stop)}")

@@ -31,6 +31,7 @@ from node.audit.report import AuditQuery, render_table
 from node.cli import audit as audit_cmd
 from node.cli import db as db_cmd
 from node.cli.db import head_revision
+from node.study_key import study_key
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1001"
 OTHER_STUDY_UID = "1.2.826.0.1.3680043.8.498.2002"
@@ -223,9 +224,10 @@ def test_audit_tables_align_and_show_inserted_rows(
     for title in ("Associations (1,", "Studies (2,", "Jobs (1,", "Events (3,"):
         assert title in out
     lines = out.splitlines()
-    header = next(line for line in lines if line.startswith("id  study_uid"))
+    header = next(line for line in lines if line.startswith("id  study_key  study_uid"))
     row = next(line for line in lines if line.startswith("1 ") and STUDY_UID in line)
     assert row.index("assembled") == header.index("state")
+    assert row.split()[1] == study_key(STUDY_UID)  # the demo's summary and the review page use the same key
     assert row.split()[-4:] == ["2", "1", "1", "-"]  # accepted duplicate rejected reason
     assert "2026-11-26 01:00:00" in out and "FAILED" in out and "gpu-host-1:4242" in out
     assert PATIENT_NAME not in out
