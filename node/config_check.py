@@ -30,8 +30,8 @@ from node.config import ENV_PREFIX, Settings, load_settings
 
 log = logging.getLogger(__name__)
 
-# GVR_* names that are not settings: the TOML file's path, and the test suite's own switches.
-EXTRA_VARIABLES = frozenset({ENV_PREFIX + "CONFIG"})
+# GVR_* names that are not settings: the TOML file's path, a worker's node name, the tests' switches.
+EXTRA_VARIABLES = frozenset({ENV_PREFIX + "CONFIG", ENV_PREFIX + "WORKER_NODENAME"})  # the second: gvr worker
 _RESERVED_PREFIXES = (ENV_PREFIX + "TEST_",)
 # Values never repeated in a message: they may hold a password.
 _SECRET_FIELDS = frozenset({"database_url", "broker_url"})

@@ -22,14 +22,15 @@ from sqlalchemy.orm import Session
 from node.audit.models import Association, Event, Instance, InstanceStatus, Job, Study
 from node.audit.outcome import job_outcome
 from node.log_hygiene import escape_controls
+from node.study_key import study_key
 
 ASSOCIATION_COLUMNS = ("id", "started_at", "ended_at", "calling_ae", "called_ae", "peer", "outcome", "tls",
                        "instances", "reason")  # fmt: skip
 # The tables show what a person scans for; --json carries every field.
-STUDY_COLUMNS = ("id", "study_uid", "state", "last_received_at", "assembled_at", "accepted", "duplicate",
+STUDY_COLUMNS = ("id", "study_key", "study_uid", "state", "last_received_at", "assembled_at", "accepted", "duplicate",
                  "rejected", "reason")  # fmt: skip
-JOB_COLUMNS = ("id", "study_uid", "state", "finding", "probability", "ood", "attempts", "worker", "updated_at",
-               "error")  # fmt: skip
+JOB_COLUMNS = ("id", "study_key", "study_uid", "state", "finding", "probability", "ood", "attempts", "worker",
+               "updated_at", "error")  # fmt: skip
 EVENT_COLUMNS = ("id", "at", "kind", "subject", "actor", "message")
 _PHI_KEY = re.compile("patient", re.IGNORECASE)
 
@@ -142,7 +143,8 @@ def _studies(session: Session, limit: int, study_uid: str | None) -> list[dict[s
     for study in studies:
         by_status = counts.get(study.study_uid, {})
         rows.append({
-            "id": study.id, "study_uid": study.study_uid, "state": study.state.value,
+            "id": study.id, "study_key": study_key(study.study_uid), "study_uid": study.study_uid,
+            "state": study.state.value,
             "first_received_at": study.first_received_at, "last_received_at": study.last_received_at,
             "assembled_at": study.assembled_at,
             **{status.value: by_status.get(status.value, 0) for status in InstanceStatus},
@@ -181,7 +183,8 @@ def _jobs(session: Session, limit: int, study_uid: str | None, job_id: str | Non
     rows = []
     for job, uid in session.execute(statement):
         rows.append({
-            "id": job.id, "study_uid": uid, "state": job.state.value, "attempts": job.attempts,
+            "id": job.id, "study_key": study_key(uid), "study_uid": uid, "state": job.state.value,
+            "attempts": job.attempts,
             "worker": job.worker, "device": job.device, "model_version": job.model_version,
             "created_at": job.created_at, "updated_at": job.updated_at, "started_at": job.started_at,
             "finished_at": job.finished_at, "error": job.error, **job_outcome(job.result),

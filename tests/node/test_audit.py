@@ -281,10 +281,10 @@ def test_audit_query_rejects_bad_values() -> None:
         AuditQuery(study_uid=" ")
 
 
-def test_render_table_truncates_long_cells_and_marks_empty() -> None:
-    """Long cells end in '...' at the width limit; None shows '-'; no rows shows '(none)'."""
+def test_render_table_keeps_long_cells_and_marks_empty() -> None:
+    """A long cell is never cut (issue 11: wrapped when it has spaces); None shows '-'; no rows shows '(none)'."""
     table = render_table(("a", "b"), [{"a": "x" * 30, "b": None}], max_width=10)
-    assert table.splitlines()[2] == "xxxxxxx...  -"
+    assert table.splitlines()[2] == "x" * 30 + "  -"
     assert render_table(("a",), []) == "(none)"
 
 

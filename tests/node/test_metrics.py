@@ -11,7 +11,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import generate_uid
 
-from node.audit.models import Delivery, DeliveryStatus, Job, JobState, Study, StudyState, utcnow
+from node.audit.models import Delivery, DeliveryStatus, Event, Job, JobState, Study, StudyState, utcnow
+from node.celery_app import QUEUE_GPU, TASK_ANALYZE
 from node.config import Peer
 from node.errors import StoreStatus
 from node.ingest import IngestResult
@@ -73,7 +74,7 @@ def test_metrics_jobs_by_state_turnaround_and_delivery_failures(running_node: An
     assert samples["gvr_jobs{state=SENT}"] == 1
     assert samples["gvr_jobs{state=QUEUED}"] == 2
     assert samples["gvr_jobs{state=FAILED}"] == 0
-    assert samples["gvr_delivery_failures_total"] == 2
+    assert samples["gvr_delivery_failures_total"] == 0  # counted per job, from events (none here)
     assert samples["gvr_deliveries_sent_total"] == 1
     assert samples["gvr_job_turnaround_seconds_count"] == 1
     assert 41 <= samples["gvr_job_turnaround_seconds_sum"] <= 43
@@ -119,3 +120,46 @@ def test_metrics_count_store_never_raises() -> None:
     metrics.count_store(IngestResult(0xB000))  # type: ignore[arg-type]
     value = metrics.registry.get_sample_value("gvr_instances_rejected_total", {"status": "0xB000"})
     assert value == 1
+
+
+def _job_with_events(session: Any, study_id: int, state: JobState, events: list[tuple[str, float, str]]) -> str:
+    """A job in ``state`` and its trail: (kind, seconds after a start 100 s ago, actor)."""
+    job_id, start = str(uuid.uuid4()), utcnow() - timedelta(seconds=100)
+    session.add(Job(id=job_id, study_id=study_id, state=state))
+    for kind, offset, actor in events:
+        session.add(Event(at=start + timedelta(seconds=offset), kind=kind, subject_kind="job", subject_id=job_id,
+                          actor=actor, message=kind))  # fmt: skip
+    return job_id
+
+
+def test_metrics_queue_depth_durations_and_failures_per_job(running_node: Any) -> None:
+    """Queue depth from the broker; durations from event pairs, once; FAILED by cause; failures per job."""
+    service = running_node(metrics_port=free_port(), study_stable_seconds=3600)
+    service.celery.send_task(TASK_ANALYZE, args=["not-a-job"], queue=QUEUE_GPU)
+    first = scrape(service.metrics_port)  # history before this scrape is not observed
+    assert first["gvr_queue_depth{queue=gpu}"] == 1 and first["gvr_queue_depth{queue=dicom}"] == 0
+    assert not any(name.startswith("gvr_workers_alive") for name in first)  # SQLite broker: unknown, not 0
+    worker, node = "host:1:worker", "host:2:node"
+    with service.audit.session() as session:
+        study = Study(study_uid=generate_uid(), state=StudyState.ASSEMBLED)
+        session.add(study)
+        session.flush()
+        _job_with_events(session, study.id, JobState.SENT,
+                         [("job.running", 0, worker), ("job.inferred", 7, worker), ("job.sent", 9, worker)])
+        _job_with_events(session, study.id, JobState.FAILED,
+                         [("job.running", 0, worker), ("job.inferred", 3, worker), ("delivery.retry", 4, worker),
+                          ("delivery.retry", 5, worker), ("job.failed", 6, worker)])
+        _job_with_events(session, study.id, JobState.FAILED, [("job.running", 0, worker), ("job.failed", 1, node)])
+        _job_with_events(session, study.id, JobState.FAILED, [("job.running", 0, worker), ("job.failed", 1, worker)])
+
+    samples = scrape(service.metrics_port)
+    assert samples["gvr_inference_duration_seconds_count"] == 2
+    assert samples["gvr_inference_duration_seconds_sum"] == 10
+    assert samples["gvr_delivery_duration_seconds_count"] == 1
+    assert samples["gvr_delivery_duration_seconds_sum"] == 2
+    assert samples["gvr_jobs_failed{cause=delivery}"] == 1
+    assert samples["gvr_jobs_failed{cause=abandoned}"] == 1
+    assert samples["gvr_jobs_failed{cause=inference}"] == 1
+    assert samples["gvr_delivery_failures_total"] == 1  # two retries and a FAILED end: one job
+    again = scrape(service.metrics_port)
+    assert again["gvr_inference_duration_seconds_count"] == 2 and again["gvr_delivery_duration_seconds_count"] == 1

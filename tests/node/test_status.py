@@ -23,6 +23,7 @@ from node.audit.models import Job, JobState, Study, StudyState, utcnow
 from node.celery_app import TASK_ANALYZE, make_celery
 from node.cli import monitor, status
 from node.config import Peer, load_settings
+from node.heartbeat import HeartbeatWriter, heartbeat_path, read_heartbeat, supervised_threads
 from node.scu import FileToSend, send_files
 from tests.factories import write_study
 from tests.peers import LOOPBACK, direct_opener, free_port, start_process, stop_process, wait_for_http
@@ -30,9 +31,11 @@ from tests.peers import LOOPBACK, direct_opener, free_port, start_process, stop_
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_status(capsys: pytest.CaptureFixture[str], *argv: str) -> dict[str, Any]:
-    assert status.main(["--json", "--ping-timeout", "0.5", *argv]) == 0
-    return dict(json.loads(capsys.readouterr().out))
+def run_status(capsys: pytest.CaptureFixture[str], *argv: str, expect: int = 0) -> dict[str, Any]:
+    code = status.main(["--json", "--ping-timeout", "0.5", *argv])
+    report = dict(json.loads(capsys.readouterr().out))
+    assert code == expect, report["health"]
+    return report
 
 
 @pytest.fixture
@@ -67,6 +70,7 @@ def test_status_sqlite_broker_counts_queued_job(
     """Embedded default: a completed study shows as 1 message on gpu, 1 QUEUED job, the oldest open one."""
     service = running_node()
     gvr_env()
+    HeartbeatWriter(heartbeat_path(service.settings.resolved_data_dir), lambda: supervised_threads(service)).write()
     _uid, paths = write_study(tmp_path / "s", 2)
     peer = Peer(ae_title="GVRNODE", host=LOOPBACK, port=service.port)
     assert all(r.ok for r in send_files([FileToSend.read(p) for p in paths], peer, "GVRSCU"))
@@ -74,25 +78,34 @@ def test_status_sqlite_broker_counts_queued_job(
 
     report = run_status(capsys)
     assert report["queues"]["error"] is None and report["queues"]["waiting"] == {"gpu": 1, "dicom": 0}
-    assert "broadcast" in report["workers"]["error"]
-    assert report["jobs"]["by_state"] == {"QUEUED": 1}
+    assert "broadcast" in report["workers"]["error"] and report["workers"]["checked"] is False
+    assert report["health"] == {"ok": True, "problems": [], "unchecked": [
+        f"workers of queue {q}: {report['workers']['error']}" for q in ("gpu", "dicom")]}  # fmt: skip
+    assert report["node"]["threads"] == {"storage SCP": True, "assembler": True, **(
+        {"reconciler": True} if hasattr(service, "reconciler") else {})}  # fmt: skip
+    assert report["jobs"]["by_state"] == {"QUEUED": 1} and report["jobs"]["open_by_state"] == {"QUEUED": 1}
     assert report["jobs"]["oldest_unfinished"]["state"] == "QUEUED"
     assert status.main([]) == 0
     text = capsys.readouterr().out
-    assert "queue gpu" in text and "Oldest unfinished job:" in text
+    assert text.startswith("Health: OK") and "queue gpu" in text and "Oldest unfinished job:" in text
+    assert "not checked: workers of queue gpu" in text
 
 
 def test_status_nothing_reachable_reports_each_part(
     gvr_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A broker port with nothing behind it and no audit DB: every part says why, exit status 0, fast."""
-    gvr_env(broker_url=f"redis://{LOOPBACK}:{free_port()}/0")
+    """Nothing reachable: every part says why, exit status 1 naming broker, DB, node and workers, fast."""
+    gvr_env(broker_url=f"redis://{LOOPBACK}:{free_port()}/0", database_url=f"postgresql+psycopg2://gvr@{LOOPBACK}:{free_port()}/none")
     started = time.monotonic()
-    report = run_status(capsys)
+    report = run_status(capsys, expect=1)
     assert time.monotonic() - started < 10
     assert "Connection" in report["queues"]["error"]
     assert report["workers"]["error"]
     assert report["jobs"]["error"].startswith("audit DB")
+    problems = report["health"]["problems"]
+    assert [p.split(":")[0] for p in problems] == ["broker", "audit DB", "node", "workers of queue gpu",
+                                                  "workers of queue dicom"]  # fmt: skip
+    assert "no heartbeat file" in problems[2]
 
 
 def test_status_redacts_broker_password() -> None:
@@ -142,8 +155,13 @@ def test_status_redis_depths_workers_and_jobs(
         app.send_task(TASK_ANALYZE, args=[job])
     app.close()
 
-    report = _wait(lambda: (r := run_status(capsys))["workers"]["names"] and r, 30, "the worker to answer ping")
+    report = _wait(lambda: (r := run_status(capsys, "--check", "broker,db"))["workers"]["names"] and r, 30,
+                   "the worker to answer")  # fmt: skip
     assert report["workers"]["names"] == [celery_worker]
+    assert report["workers"]["by_queue"] == {"gpu": [], "dicom": [], "gvr-status-test": [celery_worker]}
+    assert report["jobs"]["open_by_state"] == {"RUNNING": 1}
+    everything = run_status(capsys, expect=1)  # nobody consumes gpu or dicom
+    assert "workers of queue gpu: none alive" in everything["health"]["problems"]
     assert report["queues"]["waiting"] == {"gpu": 3, "dicom": 0}
     assert report["queues"]["unacked"] == 0
     assert report["jobs"]["by_state"] == {"RUNNING": 1, "SENT": 1}
@@ -161,10 +179,13 @@ def test_monitor_flower_lists_the_worker(
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GVR_")}
     env.update(GVR_BROKER_URL=redis_url, GVR_DATA_DIR=str(tmp_path / "data"))
     log = tmp_path / "flower.log"
-    command = [sys.executable, "-m", "node.cli.main", "monitor", "--port", str(port), "--basic-auth", "ops:pw"]
+    env.update(FLOWER_BASIC_AUTH="ops:pw")  # issue 11: never on the command line
+    command = [sys.executable, "-m", "node.cli.main", "monitor", "--port", str(port)]
     process = start_process(command, log, env, cwd=REPO_ROOT)
     try:
         wait_for_http(f"http://{LOOPBACK}:{port}/healthcheck", 30, process, log)
+        assert b"ops:pw" not in Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        assert "ops:pw" not in log.read_text()
 
         def workers() -> Any:
             request = urllib.request.Request(f"http://{LOOPBACK}:{port}/api/workers?refresh=1")
@@ -183,3 +204,60 @@ def test_monitor_print_command_hides_password(capsys: pytest.CaptureFixture[str]
     assert monitor.main(["--print-command", "--port", "5566"]) == 0
     line = capsys.readouterr().out
     assert "flower" in line and "--port=5566" in line and "s3cret" not in line and ":***@" in line
+
+
+def test_monitor_refuses_password_in_argv(gvr_env: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--basic-auth on the command line is refused (exit 2); a file works and stays out of the printed command."""
+    gvr_env(broker_url="redis://127.0.0.1:6379/2")
+    assert monitor.main(["--basic-auth", "ops:pw", "--print-command"]) == 2
+    secret = tmp_path / "flower-auth"
+    secret.write_text("ops:pw\n")
+    assert monitor.main(["--basic-auth-file", str(secret), "--print-command"]) == 0
+    assert "pw" not in capsys.readouterr().out
+    assert monitor.basic_auth(secret, {}) == "ops:pw"
+    assert monitor.basic_auth(None, {"FLOWER_BASIC_AUTH": "a:b"}) == "a:b"
+    with pytest.raises(ValueError, match="USER:PASSWORD"):
+        monitor.basic_auth(None, {"FLOWER_BASIC_AUTH": "no-colon"})
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"at": 0.0, "threads": {"assembler": True}, "stopped": None}, "no heartbeat for 1000 s"),
+        ({"at": 990.0, "threads": {"assembler": False, "reconciler": True}, "stopped": None},
+         "service thread(s) not running: assembler"),
+        ({"at": 995.0, "threads": {"assembler": True}, "stopped": "background thread(s) died: assembler"},
+         "stopped 5 s ago (background thread(s) died: assembler)"),
+        ({"at": 999.0, "threads": {"assembler": True}, "stopped": None}, None),
+    ],
+)  # fmt: skip
+def test_heartbeat_judged_stale_dead_stopped_or_fine(record: dict[str, Any], problem: str | None,
+                                                     tmp_path: Path) -> None:  # fmt: skip
+    """A stale file, a dead thread or a stopped node is a problem that says which; a fresh one is none."""
+    path = tmp_path / "node.json"
+    path.write_text(json.dumps({"host": "h", "pid": 1, **record}))
+    health = read_heartbeat(path, now=1000.0)
+    assert (health.problem is None) == (problem is None)
+    assert problem is None or problem in str(health.problem)
+    assert "no heartbeat file" in str(read_heartbeat(tmp_path / "absent.json").problem)
+
+
+def test_status_sees_gvr_node_threads_then_its_stop(tmp_path: Path) -> None:
+    """A real `gvr node`: status --check node exits 0 while it runs and 1 (stopped) after SIGTERM."""
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GVR_")}
+    env.update(GVR_DATA_DIR=str(tmp_path / "data"), GVR_PORT=str(free_port()))
+    check = [sys.executable, "-m", "node.cli.main", "status", "--check", "node", "--json"]
+
+    def node_status() -> tuple[int, dict[str, Any]]:
+        done = __import__("subprocess").run(check, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        return done.returncode, json.loads(done.stdout)
+
+    process = start_process([sys.executable, "-m", "node.cli.main", "node"], tmp_path / "node.log", env,
+                            cwd=REPO_ROOT)  # fmt: skip
+    try:
+        code, report = _wait(lambda: (r := node_status())[0] == 0 and r, 30, "the node's first heartbeat")
+        assert report["node"]["threads"]["assembler"] is True and report["node"]["threads"]["storage SCP"] is True
+    finally:
+        stop_process(process)
+    code, report = node_status()
+    assert code == 1 and "stopped" in report["health"]["problems"][0]
