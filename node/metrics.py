@@ -32,8 +32,8 @@ from node.audit.models import Delivery, DeliveryStatus, Job, JobState
 from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, IngestResult, StoreRequest
-from node.metrics_health import HealthCollector
 from node.limits import ResourceLimits
+from node.metrics_health import HealthCollector
 from node.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -66,13 +66,6 @@ def _export_settings(args: argparse.Namespace) -> None:
 
     args.hostname = host_format(args.hostname)
     os.environ[WORKER_NODENAME_VARIABLE] = args.hostname
-    # issue 11: the audit names a worker as Flower does, by its Celery node name (node.audit.db.actor_name)
-    from celery.utils.nodenames import host_format
-
-    from node.audit.db import WORKER_NODENAME_VARIABLE
-
-    args.hostname = host_format(args.hostname)
-    os.environ[WORKER_NODENAME_VARIABLE] = args.hostname
 
 
 def _rationale_options(args: argparse.Namespace) -> dict[str, object]:

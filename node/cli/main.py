@@ -40,7 +40,6 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
 def version() -> str:
     from importlib.metadata import PackageNotFoundError
     from importlib.metadata import version as installed_version
@@ -51,22 +50,23 @@ def version() -> str:
         return "unknown (not installed: pip install -e .)"
 
 
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] in ("-h", "--help"):
         print(_usage())
         return 0 if args else 2
-    name, rest = args[0], args[1:]
     if args[0] in ("-V", "--version"):
         print(f"gvr {version()}")
         return 0
+    name, rest = args[0], args[1:]
     if name not in COMMANDS:
         close = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         print(f"gvr: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
     from node.config_check import SettingsError
 
+    module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(rest))
     except SettingsError as error:  # issue 11: a user's mistake is a sentence and exit 2, not a traceback
