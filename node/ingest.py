@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Instance, InstanceStatus, Study, StudyState, utcnow
+from node.duplicates import KeptCopy, SopInstanceLocks, conflict_reason, quarantine_path
 from node.errors import InstanceRejectedError, StoreStatus
 from node.inspect_instance import InstanceHeader, read_header
 from node.limits import ResourceLimits
@@ -57,6 +58,7 @@ class Ingestor:
         self.audit = audit
         self.actor = actor
         self.limits = limits or ResourceLimits()
+        self.locks = SopInstanceLocks()
 
     def receive(self, request: StoreRequest) -> IngestResult:
         """Store and audit one instance. Never raises: every failure becomes a status."""
@@ -77,46 +79,75 @@ class Ingestor:
         return IngestResult(status)
 
     def _store(self, request: StoreRequest, header: InstanceHeader) -> StoreStatus:
-        final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
-        spooled = self.spool.store(request.data, final)
-        # the common path needs no SELECT: link-if-absent already said whether the file is new
-        if not spooled.created and self._has_accepted(header.sop_instance_uid):
-            return self._record_duplicate(request, header, spooled)
-        if not spooled.created:  # a file without its audit row: left by a crash; this copy wins
-            spooled = self.spool.store(request.data, final, replace=True)
-        try:
-            with self.audit.transaction() as connection:  # one commit: the instance row and its study
-                values = _instance_values(request, header, spooled, InstanceStatus.ACCEPTED)
-                connection.execute(_INSERT_INSTANCE, values)
-                _touch_study(connection, header.study_uid)
-        except IntegrityError:  # the same instance committed by a concurrent association
-            return self._record_duplicate(request, header, spooled)
-        except SQLAlchemyError as error:
-            final.unlink(missing_ok=True)  # no audit row, so no acknowledged file
-            log.error("audit write failed, instance refused (0xA700): %s", error)
-            return StoreStatus.OUT_OF_RESOURCES
+        with self.locks.hold(header.sop_instance_uid):  # issue 9: write and commit one copy at a time
+            final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
+            spooled = self.spool.store(request.data, final)
+            # the common path needs no SELECT: link-if-absent already said whether the file is new
+            if not spooled.created:
+                kept = self._kept_copy(header.sop_instance_uid)
+                if kept is not None:
+                    return self._record_copy(request, header, spooled, kept)
+                # a file without its audit row and no writer in flight (we hold the lock): a crash left it
+                spooled = self.spool.store(request.data, final, replace=True)
+            try:
+                with self.audit.transaction() as connection:  # one commit: the instance row and its study
+                    values = _instance_values(request, header, spooled, InstanceStatus.ACCEPTED)
+                    connection.execute(_INSERT_INSTANCE, values)
+                    _touch_study(connection, header.study_uid)
+            except IntegrityError:  # accepted already: in another study, or by another node process
+                kept = self._kept_copy(header.sop_instance_uid)
+                if kept is None or kept.spool_path == str(final):
+                    raise
+                final.unlink(missing_ok=True)  # this copy goes to quarantine, never beside the kept one
+                return self._record_copy(request, header, spooled, kept)
+            except SQLAlchemyError as error:
+                final.unlink(missing_ok=True)  # no audit row, so no acknowledged file
+                log.error("audit write failed, instance refused (0xA700): %s", error)
+                return StoreStatus.OUT_OF_RESOURCES
         return StoreStatus.SUCCESS
 
-    def _has_accepted(self, sop_instance_uid: str) -> bool:
+    def _kept_copy(self, sop_instance_uid: str) -> KeptCopy | None:
         with self.audit.session() as session:
-            found = session.scalar(
-                select(Instance.id).where(
+            row = session.execute(
+                select(Instance.id, Instance.sha256, Instance.spool_path, Instance.study_uid).where(
                     Instance.sop_instance_uid == sop_instance_uid,
                     Instance.status == InstanceStatus.ACCEPTED,
                 )
-            )
-        return found is not None
+            ).first()
+        return None if row is None else KeptCopy(row.id, row.sha256 or "", row.spool_path or "", row.study_uid or "")
 
-    def _record_duplicate(self, request: StoreRequest, header: InstanceHeader, first: SpooledFile) -> StoreStatus:
-        # ``first.sha256`` is already the digest of these bytes (the spool hashed them)
-        copy = SpooledFile(first.path, first.sha256, len(request.data), created=False)
+    def _record_copy(
+        self, request: StoreRequest, header: InstanceHeader, copy: SpooledFile, kept: KeptCopy
+    ) -> StoreStatus:
+        """A second copy: a duplicate when its bytes and study are the kept one's, else a conflict.
+
+        Both are answered success: the copy is durable (the kept file, or quarantine) and audited.
+        """
         values = _instance_values(request, header, copy, InstanceStatus.DUPLICATE)
-        values["reason"] = "SOP instance already stored; first copy kept"
+        values["spool_path"] = kept.spool_path
+        values["reason"] = "SOP instance already stored with the same content; first copy kept"
+        conflict = copy.sha256 != kept.sha256 or header.study_uid != kept.study_uid
+        if conflict:
+            quarantined = self.spool.store(request.data, quarantine_path(self.spool.root, header.sop_instance_uid,
+                                                                         copy.sha256))  # fmt: skip
+            values.update(status=InstanceStatus.CONFLICT, spool_path=str(quarantined.path),
+                          reason=conflict_reason(header.sop_instance_uid, header.study_uid, copy.sha256, kept,
+                                                 quarantined.path))  # fmt: skip
         try:
-            with self.audit.transaction() as connection:
-                connection.execute(_INSERT_INSTANCE, values)
+            with self.audit.session() as session:
+                row = Instance(**values)
+                session.add(row)
+                session.flush()
+                if conflict:
+                    log.warning("instance row %s conflicts with row %s: copy quarantined", row.id, kept.instance_id)
+                    add_event(session, "instance.conflict", ("instance", row.id), self.actor, str(values["reason"]), {
+                        "kept_instance_id": kept.instance_id, "kept_sha256": kept.sha256, "kept_path": kept.spool_path,
+                        "kept_study_uid": kept.study_uid, "conflict_sha256": copy.sha256,
+                        "conflict_study_uid": header.study_uid, "quarantine_path": values["spool_path"],
+                        "why_kept": "first acknowledged copy",
+                    })  # fmt: skip
         except SQLAlchemyError as error:
-            log.error("audit write failed for a duplicate, refused (0xA700): %s", error)
+            log.error("audit write failed for a second copy, refused (0xA700): %s", error)
             return StoreStatus.OUT_OF_RESOURCES
         return StoreStatus.SUCCESS
 
