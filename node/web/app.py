@@ -45,6 +45,7 @@ class WebContext:
     users_file: Path
     secret: str
     ping_timeout: float = 0.5
+    study_keys: queries.StudyKeys = field(default_factory=queries.StudyKeys)
     _celery: Celery | None = field(default=None, repr=False)
 
     @property
@@ -172,7 +173,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         user = user_of(request, ctx)
         filters = queries.JobFilters.parse(request.query_params)
         with ctx.audit.session() as session:
-            result = queries.list_jobs(session, filters)
+            result = queries.list_jobs(session, filters, ctx.study_keys)
         return page(request, "jobs.html", user, filters=filters, result=result, states=JobState,
                     findings=queries.FINDINGS, oods=queries.OOD_CHOICES)  # fmt: skip
 
@@ -218,13 +219,14 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.get("/workers")
     def workers(request: Request) -> Response:
         user = user_of(request, ctx)
-        from node.cli.status import live_workers, queue_depths
+        from node.broker_stats import QUEUES, live_workers, queue_depths
 
         depths = queue_depths(ctx.settings.celery_broker_url)
         alive = live_workers(ctx.settings, ctx.ping_timeout)
         with ctx.audit.session() as session:
             failures = queries.recent_failures(session)
-        return page(request, "workers.html", user, depths=depths, alive=alive, failures=failures)
+        return page(request, "workers.html", user, depths=depths, alive=alive, failures=failures,
+                    queue_names=QUEUES)
 
     return app
 
