@@ -191,7 +191,10 @@ def collect_status(
     jobs = job_figures(settings, window)
     queues = queue_depths(settings.celery_broker_url)
     node = read_heartbeat(heartbeat_path(settings.resolved_data_dir))
-    workers = live_workers(settings, ping_timeout)
+    if any(queue in checked for queue in QUEUES):
+        workers = live_workers(settings, ping_timeout)
+    else:  # a health check of the node alone need not wait for the broadcast
+        workers = Workers(checked=False, error="not asked: --check names no queue")
     return StatusReport(queues, workers, jobs, node, checked)
 
 

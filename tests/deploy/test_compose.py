@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import shutil
 import subprocess
@@ -16,8 +17,11 @@ from tests.peers_orthanc import Orthanc
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 REPO_ROOT = DEPLOY.parent
-SERVICES = {"redis", "postgres", "node", "worker-gpu", "worker-dicom", "flower", "orthanc"}
-UNITS = ("gvr-node.service", "gvr-worker-gpu@.service", "gvr-worker-dicom.service")
+SERVICES = {"redis", "postgres", "node", "worker-gpu", "worker-dicom", "flower", "web", "orthanc"}
+GVR_SERVICES = ("node", "worker-gpu", "worker-dicom", "flower", "web")
+UNITS = ("gvr-node.service", "gvr-worker-gpu@.service", "gvr-worker-dicom.service", "gvr-flower.service",
+         "gvr-web.service", "gvr-status.service", "gvr-status.timer")  # fmt: skip
+SECRETS = {"POSTGRES_PASSWORD": "test-password", "FLOWER_BASIC_AUTH": "ops:test"}
 
 
 def _compose_command() -> list[str]:
@@ -30,15 +34,48 @@ def _compose_command() -> list[str]:
     pytest.skip("neither `docker compose` nor docker-compose found: apt-get install docker-compose")
 
 
+def _compose_config(secrets: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """`compose config` (Compose v2 or Debian's docker-compose 1.29) with only these secrets set."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS} | secrets
+    command = [*_compose_command(), "-f", str(DEPLOY / "docker-compose.yml"), "config"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=DEPLOY, env=env, check=False)
+
+
 def test_compose_config_validates() -> None:
-    """`docker compose config` accepts the file (no engine needed) and it holds every service."""
+    """`compose config` accepts the file (no engine needed); every gvr service has a health check."""
     import yaml
 
-    command = [*_compose_command(), "-f", str(DEPLOY / "docker-compose.yml"), "config"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=DEPLOY, check=False)
+    result = _compose_config(SECRETS)
     assert result.returncode == 0, result.stderr
     resolved: dict[str, Any] = yaml.safe_load(result.stdout)
     assert set(resolved["services"]) == SERVICES
+    for name in GVR_SERVICES:
+        test = " ".join(resolved["services"][name]["healthcheck"]["test"])
+        assert "gvr status --check" in test or "/healthz" in test or "/healthcheck" in test, name
+    assert "test-password" in resolved["services"]["node"]["environment"]["GVR_DATABASE_URL"]
+    flower = resolved["services"]["flower"]
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "ops:test" and "ops:test" not in flower["command"]
+
+
+@pytest.mark.parametrize("missing", sorted(SECRETS))
+def test_compose_refuses_missing_secret(missing: str) -> None:
+    """Without a secret, compose fails naming it and deploy/.env (no silent change-me password)."""
+    result = _compose_config({k: v for k, v in SECRETS.items() if k != missing})
+    assert result.returncode != 0
+    assert missing in result.stderr and "deploy/.env" in result.stderr
+
+
+def test_compose_device_per_role_and_secrets_ignored() -> None:
+    """Only the GPU worker asks for CUDA (the env example forces no device); deploy/.env is git-ignored."""
+    import yaml
+
+    assert not re.search(r"^GVR_DEVICE=", (DEPLOY / "gvr.env.example").read_text(), flags=re.MULTILINE)
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    for name in GVR_SERVICES:
+        command = services[name]["command"]
+        assert ("--device" in command) == (name == "worker-gpu"), name
+    ignored = subprocess.run(["git", "check-ignore", "deploy/.env"], cwd=REPO_ROOT, capture_output=True, check=False)
+    assert ignored.returncode == 0
 
 
 def test_compose_gpu_worker_redis_and_ports() -> None:
@@ -77,13 +114,19 @@ def test_systemd_unit_verifies(name: str, tmp_path: Path) -> None:
     parser = configparser.ConfigParser(strict=False, interpolation=None)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     parser.read_string(unit.read_text())
-    assert {"Unit", "Service", "Install"} <= set(parser.sections())
-    assert parser["Service"]["ExecStart"].startswith("/opt/gvr/venv/bin/gvr ")
-    assert parser["Service"]["EnvironmentFile"] == "/etc/gvr/gvr.env"
+    assert {"Unit", "Install"} <= set(parser.sections()) or name == "gvr-status.service"
+    if name.endswith(".service"):
+        assert parser["Service"]["ExecStart"].startswith("/opt/gvr/venv/bin/gvr ")
+        assert parser["Service"]["EnvironmentFile"] == "/etc/gvr/gvr.env"
+        assert parser["Service"]["StateDirectory"] == "gvr"  # systemd creates /var/lib/gvr
+    else:
+        assert {"Timer"} <= set(parser.sections())
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze not found (parsed only): apt-get install systemd")
     local = _local_unit(unit, tmp_path)
+    if name.endswith(".timer"):  # a timer is verified with the service it starts
+        _local_unit(DEPLOY / "systemd" / name.replace(".timer", ".service"), tmp_path)
     result = subprocess.run([analyze, "verify", local.name], capture_output=True, text=True, timeout=60,
                             cwd=tmp_path, check=False)  # fmt: skip
     complaints = [line for line in result.stderr.splitlines() if local.name in line or "Unknown" in line]
@@ -141,3 +184,14 @@ def test_orthanc_json_starts_orthanc(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert system["DicomAet"] == "ORTHANC"
+
+
+def test_docs_install_from_the_repository() -> None:
+    """No doc or message suggests installing gvr-node from a registry (none serves it); both composes are shown."""
+    texts = {path: path.read_text() for path in [REPO_ROOT / "README.md", *(REPO_ROOT / "docs").glob("*.md"),
+                                                 *(REPO_ROOT / "node").rglob("*.py"), *DEPLOY.rglob("*.*")]}  # fmt: skip
+    assert [str(path) for path, text in texts.items() if "gvr-node[" in text] == []
+    deployment = texts[REPO_ROOT / "docs" / "deployment.md"]
+    assert "pip install '.[monitor]'" in deployment
+    assert "docker compose -f deploy/docker-compose.yml config" in deployment
+    assert "docker-compose -f deploy/docker-compose.yml config" in deployment

@@ -155,8 +155,10 @@ def test_status_redis_depths_workers_and_jobs(
         app.send_task(TASK_ANALYZE, args=[job])
     app.close()
 
-    report = _wait(lambda: (r := run_status(capsys, "--check", "broker,db"))["workers"]["names"] and r, 30,
-                   "the worker to answer")  # fmt: skip
+    report = _wait(lambda: (r := run_status(capsys, "--check", "broker,db,gpu", expect=1))["workers"]["names"]
+                   and r, 30, "the worker to answer")  # fmt: skip
+    assert report["health"]["problems"] == ["workers of queue gpu: none alive"]  # it consumes another queue
+    assert run_status(capsys, "--check", "broker,db")["workers"]["error"] == "not asked: --check names no queue"
     assert report["workers"]["names"] == [celery_worker]
     assert report["workers"]["by_queue"] == {"gpu": [], "dicom": [], "gvr-status-test": [celery_worker]}
     assert report["jobs"]["open_by_state"] == {"RUNNING": 1}
