@@ -24,15 +24,7 @@ QUEUE_DICOM = "dicom"
 TASK_SOFT_TIME_LIMIT_S = 1500
 TASK_TIME_LIMIT_S = 1800
 REDIS_VISIBILITY_TIMEOUT_S = 3600
-# Redelivery cap. acks_late + reject_on_worker_lost put a job whose worker died (SIGKILL, GPU
-# out of memory) back on the queue; a job that kills every worker would loop forever. A task
-# counts its starts in Job.attempts and ends the job FAILED once attempts_exhausted() says so.
-MAX_JOB_ATTEMPTS = 3
-
-
-def attempts_exhausted(attempts: int) -> bool:
-    """Whether a job started ``attempts`` times already must not be started again."""
-    return attempts >= MAX_JOB_ATTEMPTS
+# The redelivery cap (a job that kills every worker) lives with the leases: node.job_lease.
 
 
 def job_id_argument(args: Any, kwargs: Any) -> str:

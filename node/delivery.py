@@ -53,6 +53,10 @@ class DeliveryError(RuntimeError):
     """Delivery cannot succeed by retrying (refused objects, no destinations, no results)."""
 
 
+class DeliveryRefusedError(DeliveryError):
+    """This job cannot be delivered now (no such job, not inferred, held by a worker); it is left as it is."""
+
+
 class DestinationUnavailableError(DeliveryError):
     """At least one destination was down or busy: retrying later may succeed."""
 
@@ -128,7 +132,7 @@ def _job(ctx: DeliveryContext, job_id: str) -> Job:
     with ctx.audit.session() as session:
         job = session.get(Job, job_id)
         if job is None:
-            raise DeliveryError(f"job {job_id} is not in the audit database {ctx.settings.audit_url}")
+            raise DeliveryRefusedError(f"there is no job {job_id} in the audit database (gvr audit lists the jobs)")
         return job
 
 
@@ -231,8 +235,8 @@ def deliver_job(
         claim = claim_delivery(session, job_id, ctx.actor, ctx.settings.job_lease_seconds, force=True)
     if not claim.claimed:
         if claim.outcome is ClaimOutcome.TAKEN:
-            raise DeliveryError(f"job {job_id} is being delivered by {job.worker} right now")
-        raise DeliveryError(f"job {job_id} is {claim.state_before}: only an INFERRED job has results to deliver")
+            raise DeliveryRefusedError(f"job {job_id} is being delivered by {job.worker} right now")
+        raise DeliveryRefusedError(f"job {job_id} is {claim.state_before}: only an INFERRED job has results to deliver")
     try:
         return deliver_claimed(ctx, job_id, destinations)
     finally:

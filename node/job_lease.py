@@ -46,6 +46,7 @@ class ClaimOutcome(enum.StrEnum):
     NOT_DUE = "not due"  # a retry is scheduled for later; the reconciler publishes it then
     DONE = "done"  # past this phase (INFERRED/SENT, or FAILED)
     WRONG_PHASE = "wrong phase"  # e.g. a delivery message for a job still being analysed
+    EXHAUSTED = "exhausted"  # its workers died MAX_WORKER_DEATHS times: now FAILED
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,10 @@ def claim_analysis(session: Session, job_id: str, actor: str, device: str, lease
     before = job.state.value
     if job.state in (JobState.INFERRED, JobState.SENT, JobState.FAILED):
         return Claim(ClaimOutcome.DONE, before, job.attempts)
+    lease = None if job.lease_expires_at is None else as_utc(job.lease_expires_at)
+    if job.state is JobState.RUNNING and (lease is None or lease < now) and deaths(job) >= MAX_WORKER_DEATHS:
+        fail_exhausted(session, job, actor)
+        return Claim(ClaimOutcome.EXHAUSTED, before, job.attempts)
     free_and_due = or_(
         and_(Job.state == JobState.QUEUED, _due(now)),
         and_(Job.state == JobState.RUNNING, _lease_free(now)),
@@ -131,6 +136,20 @@ def claim_delivery(session: Session, job_id: str, actor: str, lease_s: float, fo
         add_event(session, "job.redelivery", ("job", job_id), actor, f"delivery of a {before} job started again",
                   {"previous_state": before})  # fmt: skip
     return Claim(ClaimOutcome.CLAIMED, before, job.attempts)
+
+
+def exhausted_reason(job: Job) -> str:
+    return (f"gave up after {job.attempts} attempts: each worker running this job died (out of memory, "
+            f"killed); gvr audit shows the attempts. Run it again with: gvr rerun {job.id}")
+
+
+def fail_exhausted(session: Session, job: Job, actor: str) -> None:
+    """The redelivery cap: a job that killed MAX_WORKER_DEATHS workers ends FAILED instead of looping."""
+    reason = exhausted_reason(job)
+    previous = job.state.value
+    job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
+    release(job)
+    add_event(session, "job.failed", ("job", job.id), actor, reason, {"previous_state": previous})
 
 
 def schedule_retry(session: Session, job: Job, actor: str, reason: str, delay_s: float, kind: str) -> datetime:

@@ -32,7 +32,7 @@ from sqlalchemy import and_, or_, select
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Job, JobState, as_utc, utcnow
 from node.config import Settings
-from node.job_lease import MAX_DELIVERY_DEATHS, MAX_WORKER_DEATHS, deaths, release
+from node.job_lease import MAX_DELIVERY_DEATHS, MAX_WORKER_DEATHS, deaths, exhausted_reason, release
 from node.supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,7 @@ class Reconciler:
         if lease is not None and lease < now:
             holder = job.worker or "its worker"
             if job.state is JobState.RUNNING and deaths(job) >= MAX_WORKER_DEATHS:
-                return "fail", (f"gave up after {job.attempts} attempts: each worker running this job died "
-                                f"(out of memory, killed); gvr audit shows the attempts. Run it again with: "
-                                f"gvr rerun {job.id}")  # fmt: skip
+                return "fail", exhausted_reason(job)
             if job.state is JobState.INFERRED and job.republished >= MAX_DELIVERY_DEATHS:
                 return "fail", (f"delivery failed: gave up after its delivery worker stopped {job.republished + 1} "
                                 f"times (killed); try again with: gvr resend {job.id}")  # fmt: skip

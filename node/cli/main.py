@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("node.cli.db", "audit database maintenance: gvr db upgrade"),
     "audit": ("node.cli.audit", "show recent associations, studies, jobs and events"),
     "resend": ("node.cli.resend", "deliver a job's SC and SR again: gvr resend JOB [--now]"),
+    "rerun": ("node.cli.rerun", "run a job's inference again: gvr rerun JOB"),
     "phantoms": ("training.cli.phantoms", "write synthetic chest radiograph phantoms"),
     "train": ("training.cli.train", "train the generator, encoder or latent classifier"),
     "evaluate": ("training.cli.evaluate", "evaluate a bundle on held-out images"),

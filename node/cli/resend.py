@@ -33,21 +33,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _queue(job_id: str, args: argparse.Namespace) -> int:
-    from node.celery_app import QUEUE_DICOM, TASK_DELIVER, make_celery
+    from node.audit.db import AuditDB, actor_name
+    from node.celery_app import make_celery
+    from node.job_commands import JobActionRefused, resend_job
 
     settings = settings_from(args)
-    app = make_celery(settings)
-    app.send_task(TASK_DELIVER, args=[job_id], queue=QUEUE_DICOM)
-    print(f"job {job_id}: delivery queued on {QUEUE_DICOM!r} ({settings.celery_broker_url.split('://')[0]})")
+    audit = AuditDB(settings.audit_url)
+    try:
+        print(resend_job(audit, make_celery(settings), job_id, actor_name("cli")))
+    except JobActionRefused as refused:
+        print(f"gvr resend: {refused}")
+        return 2
+    finally:
+        audit.dispose()
     return 0
 
 
 def _now(job_id: str, args: argparse.Namespace) -> int:
-    from node.delivery import DeliveryContext, DeliveryError, deliver_job, fail_job
+    from node.delivery import DeliveryContext, DeliveryError, DeliveryRefusedError, deliver_job, fail_job
 
     ctx = DeliveryContext.load(settings_from(args), "resend")
     try:
         report = deliver_job(ctx, job_id, destinations=args.destinations, force=args.force)
+    except DeliveryRefusedError as refused:
+        print(f"gvr resend: {refused}")
+        return 2
     except DeliveryError as error:
         fail_job(ctx, job_id, str(error))
         print(f"job {job_id}: delivery failed: {error}")

@@ -209,7 +209,7 @@ def create_app(ctx: WebContext) -> FastAPI:
         if do is None:
             return PlainTextResponse("unknown action\n", status_code=404)
         try:
-            request.session["flash"] = do(ctx.audit, ctx.celery(), job_id, user)
+            request.session["flash"] = do(ctx.settings, ctx.audit, ctx.celery(), job_id, user)
         except ActionRefused as refused:
             request.session["flash"] = f"not done: {refused}"
         except Exception as error:  # noqa: BLE001 - broker errors come in many types; the page says which

@@ -384,7 +384,7 @@ def test_resend_cli_queues_on_dicom_queue(
     settings = delivered.ctx.settings
     monkeypatch.setenv("GVR_DATA_DIR", str(settings.data_dir))
     assert main(["resend", delivered.job_id]) == 0
-    assert "delivery queued on 'dicom'" in capsys.readouterr().out
+    assert f"delivery of job {delivered.job_id} queued on 'dicom'" in capsys.readouterr().out
     broker = settings.celery_broker_url.removeprefix("sqla+sqlite:///")
     with sqlite3.connect(broker) as connection:
         payloads = [row[0] for row in connection.execute("SELECT payload FROM kombu_message")]

@@ -1,15 +1,17 @@
-"""The redelivery cap: a job whose worker died MAX_JOB_ATTEMPTS times must end FAILED, not run again.
+"""The redelivery cap: a job whose workers died MAX_WORKER_DEATHS times ends FAILED, not run again.
 
-acks_late + reject_on_worker_lost put a job whose worker was killed (GPU out of
-memory, SIGKILL) back on the queue; without a cap a job that kills every worker
-loops for ever. The task counts its starts in ``Job.attempts``; here the job
-already has ``MAX_JOB_ATTEMPTS`` of them (as after three dead workers) and one
-more delivery of its message arrives.
+A worker that dies (GPU out of memory, SIGKILL) stops renewing its job's lease;
+the node's reconciler then publishes the job again. Without a cap a job that
+kills every worker would loop for ever. Deaths are starts that ended neither in
+a result nor in a scheduled retry (``attempts - retries``). Both ways the job
+can come back are capped: the reconciler finding the expired lease, and a
+worker receiving a stray copy of its message (Redis's visibility timeout).
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -18,39 +20,72 @@ from sqlalchemy import update
 from inference.bundle import load_bundle
 from inference.tasks import WorkerContext, run_analysis
 from node.audit.db import AuditDB
-from node.audit.models import Job, JobState
-from node.celery_app import MAX_JOB_ATTEMPTS, attempts_exhausted
-from node.config import load_settings
+from node.audit.models import Job, JobState, utcnow
+from node.config import Settings, load_settings
+from node.job_lease import MAX_WORKER_DEATHS
+from node.reconciler import Reconciler
 from node.spool import Spool
 from tests.inference.jobs import create_job, spool_phantoms
 
 
-def test_attempts_exhausted_at_the_cap() -> None:
-    """The cap's arithmetic: below it a job may start again, at it not."""
-    assert not attempts_exhausted(MAX_JOB_ATTEMPTS - 1)
-    assert attempts_exhausted(MAX_JOB_ATTEMPTS)
-
-
-def test_job_redelivered_after_cap_ends_failed(tmp_path: Path, bundle_dir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    """A job RUNNING with MAX_JOB_ATTEMPTS starts behind it is marked FAILED on its next delivery."""
-    for name in [n for n in os.environ if n.startswith("GVR_")]:
-        monkeypatch.delenv(name)
-    settings = load_settings(data_dir=tmp_path / "data", bundle_dir=bundle_dir)
+def _dead_job(settings: Settings, deaths: int, retries: int = 0, seed: int = 3) -> str:
+    """A job RUNNING under a lease that expired, after ``deaths + retries`` starts."""
     spool = Spool(settings.spool_dir)
-    job_id = create_job(settings.audit_url, spool, spool_phantoms(spool, [3]))
+    job_id = create_job(settings.audit_url, spool, spool_phantoms(spool, [seed]))
     audit = AuditDB(settings.audit_url)
     with audit.session() as session:
-        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.RUNNING,
-                                                                    attempts=MAX_JOB_ATTEMPTS))  # fmt: skip
-    context = WorkerContext(settings, audit, spool, load_bundle(bundle_dir), "test:1:worker")
-    delivered: list[str] = []
+        session.execute(update(Job).where(Job.id == job_id).values(
+            state=JobState.RUNNING, attempts=deaths + retries, retries=retries, worker="gone:1:worker",
+            lease_expires_at=utcnow() - timedelta(seconds=1)))  # fmt: skip
+    audit.dispose()
+    return job_id
+
+
+def _state(settings: Settings, job_id: str) -> Job:
+    audit = AuditDB(settings.audit_url)
     try:
-        run_analysis(context, job_id, delivered.append)
         with audit.session() as session:
             job = session.get(Job, job_id)
             assert job is not None
-            state, attempts = job.state, job.attempts
+            return job
     finally:
         audit.dispose()
-    assert state == JobState.FAILED and attempts == MAX_JOB_ATTEMPTS and delivered == []
+
+
+@pytest.fixture
+def settings(tmp_path: Path, bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for name in [n for n in os.environ if n.startswith("GVR_")]:
+        monkeypatch.delenv(name)
+    return load_settings(data_dir=tmp_path / "data", bundle_dir=bundle_dir)
+
+
+def test_reconciler_fails_a_job_that_killed_every_worker(settings: Settings) -> None:
+    """Expired lease after MAX_WORKER_DEATHS deaths: FAILED with the sentence and `gvr rerun`, nothing published;
+    one death fewer (or the same starts with transient retries among them): published again."""
+    capped = _dead_job(settings, MAX_WORKER_DEATHS)
+    below = _dead_job(settings, MAX_WORKER_DEATHS - 1, retries=2, seed=4)
+    published: list[str] = []
+    audit = AuditDB(settings.audit_url)
+    try:
+        report = Reconciler(settings, audit, published.append, published.append, "test:1:node").run_once()
+    finally:
+        audit.dispose()
+    assert report.failed == [capped] and published == [below] == report.published
+    job = _state(settings, capped)
+    assert job.state is JobState.FAILED and job.error is not None and job.lease_expires_at is None
+    assert "each worker running this job died" in job.error and f"gvr rerun {capped}" in job.error
+    assert _state(settings, below).state is JobState.QUEUED
+
+
+def test_stray_message_for_a_capped_job_ends_it_failed(settings: Settings, bundle_dir: Path) -> None:
+    """A copy of the message reaching a worker (Redis's visibility timeout) is capped the same way."""
+    job_id = _dead_job(settings, MAX_WORKER_DEATHS)
+    audit = AuditDB(settings.audit_url)
+    context = WorkerContext(settings, audit, Spool(settings.spool_dir), load_bundle(bundle_dir), "test:1:worker")
+    delivered: list[str] = []
+    try:
+        assert run_analysis(context, job_id, delivered.append) == "exhausted"
+    finally:
+        audit.dispose()
+    job = _state(settings, job_id)
+    assert job.state is JobState.FAILED and job.attempts == MAX_WORKER_DEATHS and delivered == []

@@ -166,7 +166,7 @@ def test_resend_of_a_queued_job_is_refused_and_rerun_requeues(site: Any) -> None
 def test_workers_page_shows_queues_and_failures(site: Any) -> None:
     client, jobs, _ = site
     login(client)
-    client.post(f"/jobs/{jobs[2].id}/resend", data={"csrf": csrf_of(client.get(f"/jobs/{jobs[2].id}").text)})
+    client.post(f"/jobs/{jobs[0].id}/resend", data={"csrf": csrf_of(client.get(f"/jobs/{jobs[0].id}").text)})
     page = client.get("/workers").text
     assert re.search(r"<td>dicom</td>\s*<td class=\"num\">1</td>", page)
     assert "not visible on the SQLite broker" in page  # the embedded broker has no broadcast: said, not hidden
