@@ -65,15 +65,20 @@ def main(argv: list[str] | None = None) -> int:
         return _add_user(args.add_user, args)
     import uvicorn
 
-    from node.web.app import context_from, create_app
+    from node.web.app import context_from, create_app, users_file
     from node.web.auth import load_users
 
     settings = settings_from(args)
-    ctx = context_from(settings)
-    if not load_users(ctx.users_file):
-        print(f"gvr web: no users in {ctx.users_file}; add one with: .venv/bin/gvr web --add-user NAME",
+    try:
+        users = load_users(users_file(settings))
+    except ValueError as error:  # a hand-edited line that is not name:hash
+        print(f"gvr web: {error}", file=sys.stderr)
+        return 2
+    if not users:
+        print(f"gvr web: no users in {users_file(settings)}; add one with: .venv/bin/gvr web --add-user NAME",
               file=sys.stderr)  # fmt: skip
         return 2
+    ctx = context_from(settings)
     host, port = args.host or settings.web_bind_address, args.port or settings.web_port
     try:
         sock = _bind(host, port)

@@ -8,6 +8,7 @@ server time in a ``Server-Timing`` header, which the benchmark and tests read.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +33,7 @@ from node.config import Settings
 from node.web import auth, images, queries
 from node.web.actions import RERUNNABLE, RESENDABLE, ActionRefused, rerun_job, resend_job
 
+log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SESSION_HOURS = 8
 
@@ -76,10 +78,19 @@ class LoginRequired(Exception):
 def user_of(request: Request, ctx: WebContext) -> str:
     """The logged-in user, still in the users file (removing a user ends their sessions)."""
     user = request.session.get("user")
-    if not isinstance(user, str) or user not in auth.load_users(ctx.users_file):
+    if not isinstance(user, str) or user not in _users(ctx):
         request.session.clear()
         raise LoginRequired
     return user
+
+
+def _users(ctx: WebContext) -> dict[str, str]:
+    """The users file as it is now (re-read, so --add-user needs no restart); a broken file lets no one in."""
+    try:
+        return auth.load_users(ctx.users_file)
+    except ValueError as error:
+        log.error("review page: nobody can log in: %s", error)
+        return {}
 
 
 def _safe_next(target: str) -> str:
@@ -151,7 +162,7 @@ def create_app(ctx: WebContext) -> FastAPI:
     @app.post("/login")
     def login(request: Request, username: str = Form(...), password: str = Form(...),
               next: str = Form("/jobs")) -> Response:  # fmt: skip
-        if not auth.check_login(auth.load_users(ctx.users_file), username, password):
+        if not auth.check_login(_users(ctx), username, password):
             return page(request, "login.html", None, 401, next=_safe_next(next), error="Wrong user name or password.")
         request.session.clear()
         request.session.update(user=username, csrf=secrets.token_urlsafe(24))
