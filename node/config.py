@@ -24,6 +24,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "GVR_"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://\S*$")  # scheme://rest; the value is never shown (passwords)
 _PEER = re.compile(r"^(?P<ae>[^@]*)@(?P<host>[^:@]+):(?P<port>\d+)$")
 
 
@@ -200,6 +201,15 @@ class Settings(BaseSettings):
     def _destinations(cls, value: Any) -> Any:
         value = split_list(value)
         return [Peer.parse(v) if isinstance(v, str) else v for v in value]
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        # issue 11: a malformed URL is a settings error here, not a traceback from SQLAlchemy or kombu later
+        if value is not None and not _URL.match(value):
+            raise ValueError("not a URL: expected scheme://..., e.g. postgresql+psycopg2://gvr:PASSWORD@host:5432/gvr "
+                             "or redis://host:6379/0")  # fmt: skip
+        return value
 
     @field_validator("device")
     @classmethod

@@ -26,6 +26,7 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from node.broker_stats import QUEUES, QueueDepths, Workers, live_workers, queue_depths, redacted
@@ -145,6 +146,10 @@ def job_figures(settings: Settings, window: timedelta) -> JobFigures:
     from node.audit.models import Job, JobState
 
     minutes = int(window.total_seconds() // 60)
+    sqlite_file = Path(settings.audit_url.removeprefix("sqlite:///"))
+    if settings.audit_url.startswith("sqlite:///") and not sqlite_file.is_file():  # looking must not create it
+        return JobFigures(minutes, error=f"audit DB: {sqlite_file} does not exist (is GVR_DATA_DIR right? "
+                                         "`gvr node` or `gvr db upgrade` creates it)")  # fmt: skip
     audit = AuditDB(settings.audit_url)
     now = datetime.now(UTC)
     unfinished = [JobState(s) for s in UNFINISHED]

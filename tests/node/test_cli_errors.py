@@ -66,6 +66,10 @@ MISTAKES = [
     Mistake("closed port", ["echo", "NOBODY@127.0.0.1:{free_port}", "--timeout", "3"],
             ["connection refused", "nothing listens on port"], status=1),
     Mistake("status window", ["status", "--window-minutes", "0"], ["--window-minutes must be >= 1"]),
+    Mistake("database url not a url", ["status"], ["GVR_DATABASE_URL: not a URL"],
+            env={"GVR_DATABASE_URL": "gvr:s3cret@db.example.internal/gvr"}),
+    Mistake("data folder wrong", ["status", "--check", "db"], ["Health: DOWN", "audit.sqlite3 does not exist",
+            "GVR_DATA_DIR"], status=1, env={"GVR_DATA_DIR": "{tmp}/typo"}),
 ]  # fmt: skip
 
 
@@ -100,6 +104,7 @@ def test_cli_mistake_gets_a_sentence_and_exit_status(mistake: Mistake, tmp_path:
     for expected in mistake.expected:
         assert _fill(expected, values) in output, output
     assert_no_traceback(output)
+    assert "s3cret" not in output
 
 
 @pytest.fixture
