@@ -2,9 +2,10 @@
 
 ``gvr node`` runs supervised background threads (the assembler, the
 reconciler) beside the storage SCP. Nothing outside the process could see
-whether they still run, so ``gvr node`` rewrites ``<data_dir>/health/node.json``
-every few seconds (atomically: temporary file, rename) with the state of each,
-and a last time with ``stopped`` when it exits. A reader judges it:
+whether they still run, so the node service (``gvr node``, ``gvr demo``)
+rewrites ``<data_dir>/health/node.json`` every few seconds (atomically:
+temporary file, rename) with the state of each, and a last time with
+``stopped`` when it exits. A reader judges it:
 
 * no file: the node never ran with this data folder;
 * older than ``STALE_AFTER_S``: the node is gone (killed, host down);

@@ -10,6 +10,7 @@ from node.audit.db import AuditDB, actor_name
 from node.audit.migrate import upgrade
 from node.celery_app import enqueue_analysis, enqueue_delivery, make_celery
 from node.config import Settings
+from node.heartbeat import HeartbeatWriter, heartbeat_path, supervised_threads
 from node.limits import ResourceLimits
 from node.metrics import CountingIngestor, NodeMetrics
 from node.reconciler import Reconciler
@@ -46,6 +47,8 @@ class NodeService:
         self.metrics_port: int | None = None
         self.thread_died = threading.Event()
         self.dead_threads: list[str] = []
+        # issue 11: `gvr status` sees the service threads through this file (node/heartbeat.py)
+        self.heartbeat = HeartbeatWriter(heartbeat_path(settings.resolved_data_dir), lambda: supervised_threads(self))
 
     def _on_thread_death(self, name: str, error: BaseException) -> None:
         self.dead_threads.append(name)
@@ -58,11 +61,13 @@ class NodeService:
         self.port = self.scp.start()
         self.assembler.start(on_death=self._on_thread_death)
         self.reconciler.start(on_death=self._on_thread_death)
+        self.heartbeat.start()
         if self.settings.metrics_port:  # issue 6: a failure to bind is logged, never fatal
             self.metrics_port = self.metrics.serve(self.settings.bind_address, self.settings.metrics_port)
         return self.port
 
     def stop(self) -> None:
+        self.heartbeat.stop(f"thread(s) died: {', '.join(self.dead_threads)}" if self.dead_threads else "stopped")
         self.scp.stop()
         self.assembler.stop()
         self.reconciler.stop()

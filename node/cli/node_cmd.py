@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, FileNotFoundError) as error:
         log.error("invalid settings: %s", error)
         return 2
-    from node.heartbeat import HeartbeatWriter, heartbeat_path, supervised_threads
     from node.service import NodeService
     from node.supervision import ServiceThreadDiedError
 
@@ -69,19 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     except SQLAlchemyError as error:
         log.error("cannot open the audit DB %s: %s", safe_url(settings.audit_url), first_line(error))
         return 1
-    # issue 11: `gvr status` sees the service threads through this file
-    heartbeat = HeartbeatWriter(heartbeat_path(settings.resolved_data_dir), lambda: supervised_threads(service))
-    heartbeat.start()
     try:
         service.run_until(stop)
     except OSError as error:
-        heartbeat.stop("could not start")
         log.error("cannot start the node: %s", bind_error_message(error, settings))
         return 2 if error.errno in _BIND_ERRNOS else 1
     except ServiceThreadDiedError as error:
-        heartbeat.stop(str(error))
         log.critical("node stopped: %s; exiting 3 so that the service manager restarts it", error)
         return 3
-    heartbeat.stop("stopped by a signal")
     log.info("node stopped")
     return 0

@@ -23,7 +23,7 @@ from node.audit.models import Job, JobState, Study, StudyState, utcnow
 from node.celery_app import TASK_ANALYZE, make_celery
 from node.cli import monitor, status
 from node.config import Peer, load_settings
-from node.heartbeat import HeartbeatWriter, heartbeat_path, read_heartbeat, supervised_threads
+from node.heartbeat import heartbeat_path, read_heartbeat
 from node.scu import FileToSend, send_files
 from tests.factories import write_study
 from tests.peers import LOOPBACK, direct_opener, free_port, start_process, stop_process, wait_for_http
@@ -70,7 +70,7 @@ def test_status_sqlite_broker_counts_queued_job(
     """Embedded default: a completed study shows as 1 message on gpu, 1 QUEUED job, the oldest open one."""
     service = running_node()
     gvr_env()
-    HeartbeatWriter(heartbeat_path(service.settings.resolved_data_dir), lambda: supervised_threads(service)).write()
+    _wait(heartbeat_path(service.settings.resolved_data_dir).is_file, 10, "the node's first heartbeat")
     _uid, paths = write_study(tmp_path / "s", 2)
     peer = Peer(ae_title="GVRNODE", host=LOOPBACK, port=service.port)
     assert all(r.ok for r in send_files([FileToSend.read(p) for p in paths], peer, "GVRSCU"))
