@@ -96,6 +96,11 @@ class Settings(BaseSettings):
     network_timeout: float = Field(60.0, gt=0, description="seconds an idle association may stay open")
     dimse_timeout: float = Field(30.0, gt=0, description="seconds to wait for a DIMSE message")
     acse_timeout: float = Field(30.0, gt=0, description="seconds to wait for association messages")
+    pdu_deadline_seconds: float = Field(
+        10.0, gt=0, description="a PDU (the association request too) must arrive whole within this, plus its size "
+        "at min_data_rate_kb; else the connection is closed"
+    )
+    min_data_rate_kb: float = Field(16.0, gt=0, description="slowest rate (KiB/s) a peer may send a PDU at")
     # -- TLS (all three for mutual TLS; cert+key for server-only TLS)
     tls_cert: Path | None = Field(None, description="PEM certificate: enables TLS on the SCP")
     tls_key: Path | None = Field(None, description="PEM private key for tls_cert")

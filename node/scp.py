@@ -27,6 +27,7 @@ from node.audit.models import Association, AssociationOutcome, utcnow
 from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, StoreRequest
+from node.pdu_deadline import install
 from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from node.supervision import describe_error
 
@@ -113,13 +114,16 @@ class AssociationLog:
 # -- event handlers: one per event, dependencies bound as arguments -----------------
 
 
-def handle_conn_open(event: Any) -> None:
+def handle_conn_open(event: Any, settings: Settings | None = None) -> None:
     if event.assoc.dul.socket is not None and event.assoc.dul.socket.socket is not None:
         set_nodelay(event.assoc.dul.socket.socket)
         # issue 6: an accepted socket blocks without limit, so a peer that stops mid-PDU held this
         # thread and an association slot for ever (tests/reliability/test_bad_inputs.py); with a
         # timeout, pynetdicom's read fails after network_timeout and closes the connection.
         event.assoc.dul.socket.socket.settimeout(event.assoc.network_timeout)
+        # issue 9: network_timeout applies per read; a PDU as a whole must arrive within its deadline
+        if settings is not None:
+            install(event.assoc.dul.socket, settings.pdu_deadline_seconds, settings.min_data_rate_kb * 1024)
     # The DUL thread sleeps this long whenever it finds nothing to do, so each response
     # waits up to that long before it is sent. The thread lives only as long as this
     # connection, so the faster poll costs CPU only while a peer is connected.
@@ -336,7 +340,7 @@ class StorageSCP:
 
     def handlers(self) -> list[tuple[Any, ...]]:
         return [
-            (evt.EVT_CONN_OPEN, handle_conn_open),
+            (evt.EVT_CONN_OPEN, handle_conn_open, [self.settings]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.associations]),
             (evt.EVT_REJECTED, handle_rejected, [self.associations, self.settings]),
             (evt.EVT_RELEASED, handle_released, [self.associations, self.on_release]),
