@@ -49,7 +49,6 @@ class InstanceStatus(enum.StrEnum):
     DUPLICATE = "duplicate"
     REJECTED = "rejected"
     CONFLICT = "conflict"  # issue 9: same SOP Instance UID, other content or study; that copy is quarantined
-    CONFLICT = "conflict"  # issue 9: same SOP Instance UID, other content or study; that copy is quarantined
 
 
 class StudyState(enum.StrEnum):
