@@ -8,6 +8,7 @@ readiness (a port, a log line, a DB state), with a deadline, never a bare sleep.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,9 +105,13 @@ class ManagedProcess:
             time.sleep(0.1)
 
     def kill(self) -> None:
+        """SIGKILL the process and its children at once (a prefork worker's pool too), as the OOM killer
+        or a host crash does: nobody gets to acknowledge, release or clean up anything."""
         if self.alive():
             assert self.popen is not None
-            self.popen.send_signal(signal.SIGKILL)
+            for pid in [*_children(self.pid), self.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.popen.wait(10)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -118,6 +123,15 @@ class ManagedProcess:
             self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """Child pids of ``pid`` (Linux /proc), grandchildren first."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in task.read_text().split():
+            found += [*_children(int(child)), int(child)]
+    return found
 
 
 def gvr(*argv: str, env: Mapping[str, str], log: Path) -> ManagedProcess:
@@ -133,8 +147,9 @@ def start_node(env: Mapping[str, str], log: Path, timeout: float = 30.0) -> Mana
 
 
 def start_worker(queues: str, env: Mapping[str, str], log: Path, *extra: str, timeout: float = 60.0) -> ManagedProcess:
-    """``gvr worker --queues <queues> --pool solo``; returns once Celery logged "ready."."""
-    worker = gvr("worker", "--queues", queues, "--pool", "solo", "-n", f"{log.stem}@{LOOPBACK}", *extra,
+    """``gvr worker --queues <queues>`` with the pool a user gets (prefork, one process); returns once
+    Celery logged "ready."."""
+    worker = gvr("worker", "--queues", queues, "-n", f"{log.stem}@{LOOPBACK}", *extra,
                  env=env, log=log).start()  # fmt: skip
     worker.wait_for_line(" ready.", timeout)
     return worker

@@ -53,21 +53,21 @@ WITHOUT_ELIGIBLE = 5  # studies of lateral views only: stored, audited, never an
 ASSOCIATIONS = 8
 OBJECTS_PER_IMAGE = 4  # a positive: overlay SC, side-by-side SC, cine SC, SR (node.results.build)
 MIN_OBJECTS_PER_IMAGE = 2  # a negative or out-of-distribution image: overlay SC (no colour), SR
-WORKER_OPTIONS = ("--max-steps", "20", "--visibility-timeout", "10")
+WORKER_OPTIONS = ("--max-steps", "20")  # issue 10: recovery with the default settings
 
 
 class Chaos(threading.Thread):
     """SIGKILL ``victim`` while it runs a job, then restart Redis once; records what it did."""
 
-    def __init__(self, audit: AuditDB, victim: ManagedProcess, redis: RestartableRedis) -> None:
+    def __init__(self, audit: AuditDB, victim: ManagedProcess, victim_name: str, redis: RestartableRedis) -> None:
         super().__init__(name="chaos", daemon=True)
-        self.audit, self.victim, self.redis = audit, victim, redis
+        self.audit, self.victim, self.victim_name, self.redis = audit, victim, victim_name, redis
         self.killed_job: str | None = None
         self.redis_down_seconds: float | None = None
         self.error: str | None = None
 
     def run(self) -> None:
-        marker = f":{self.victim.pid}:"
+        marker = f"{self.victim_name}@"  # the job runs in the prefork pool's process, under the worker's name
         deadline = time.monotonic() + 120
         try:
             while self.killed_job is None and time.monotonic() < deadline:
@@ -84,10 +84,12 @@ class Chaos(threading.Thread):
             self.error = repr(error)
 
 
-def _gvr_status(env: dict[str, str]) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, "-m", "node.cli.main", "status", "--json"], env=env, capture_output=True,
-                         text=True, timeout=60, check=True).stdout  # fmt: skip
-    return dict(json.loads(out))
+def _gvr_status(env: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    """``gvr status --json``: its exit status (the health check) and what it reported."""
+    done = subprocess.run([sys.executable, "-m", "node.cli.main", "status", "--json"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.stdout, done.stderr
+    return done.returncode, dict(json.loads(done.stdout))
 
 
 def _metrics(port: int) -> str:
@@ -127,8 +129,8 @@ def test_thousand_instances_worker_killed_redis_restarted(
         processes.append(start_node(env, tmp_path / "gvr-node.log"))
         victim = start_worker("gpu", env, tmp_path / "gvr-worker-gpu-a.log", *WORKER_OPTIONS)
         processes += [victim, start_worker("gpu", env, tmp_path / "gvr-worker-gpu-b.log", *WORKER_OPTIONS),
-                      start_worker("dicom", env, tmp_path / "gvr-worker-dicom.log", "--visibility-timeout", "10")]
-        chaos = Chaos(audit, victim, private_redis)
+                      start_worker("dicom", env, tmp_path / "gvr-worker-dicom.log")]
+        chaos = Chaos(audit, victim, "gvr-worker-gpu-a", private_redis)
         chaos.start()
         began = time.monotonic()
         logs = send_in_parallel(int(env["GVR_PORT"]), batches)
@@ -136,7 +138,7 @@ def test_thousand_instances_worker_killed_redis_restarted(
         chaos.join(150)
         wait_until(lambda: _settled(audit, len(eligible_uids)), 150, "every eligible study's job to finish")
         total_seconds = time.monotonic() - began
-        status = _gvr_status(env)
+        status_code, status = _gvr_status(env)
         metrics = _metrics(metrics_port)
 
         acknowledged = [uid for log in logs for uid in log.acknowledged]
@@ -169,6 +171,7 @@ def test_thousand_instances_worker_killed_redis_restarted(
         assert (len(in_pacs) - MIN_OBJECTS_PER_IMAGE * len(eligible_uids)) % 2 == 0
         assert {uid for uid, _ in sends} == set(in_pacs)
 
+        assert status_code == 0, status  # healthy: broker, audit DB, node threads and a worker per queue
         assert status["queues"]["waiting"] == {"gpu": 0, "dicom": 0}
         assert len(status["workers"]["names"]) == 2  # the survivors: gpu-b and dicom
         assert f"gvr_instances_received_total {float(STUDIES * PER_STUDY)}" in metrics
