@@ -33,6 +33,7 @@ import numpy as np
 from celery import Task, shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_process_init
+from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from inference.bundle import Bundle, BundleInvalidError
@@ -42,7 +43,7 @@ from inference.rationale import RationaleConfig
 from inference.worker_app import RATIONALE_CONF_KEY
 from node.artefacts import ImageResult, JobResult, ModelInfo, write_job_result
 from node.audit.db import AuditDB, actor_name, add_event
-from node.audit.models import Job, JobState, utcnow
+from node.audit.models import Job, JobImage, JobState, utcnow
 from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, job_id_argument
 from node.config import Settings, load_settings
 from node.job_lease import Claim, Heartbeat, claim_analysis, release, schedule_retry, start_phase
@@ -120,17 +121,22 @@ class _Prepared:
     geometry: Geometry
 
 
-def _start(ctx: WorkerContext, job_id: str) -> tuple[Claim, list[_Source]]:
-    """Claim the job for this worker (``node.job_lease``): returns the claim and the job's sources."""
+def _start(ctx: WorkerContext, job_id: str) -> tuple[Claim, list[_Source], int]:
+    """Claim the job for this worker (``node.job_lease``): the claim, the job's sources and the
+    instance number its results start at (after the images of earlier jobs of the same study)."""
     with ctx.audit.session() as session:
         claim = claim_analysis(session, job_id, ctx.actor, ctx.settings.device, ctx.settings.job_lease_seconds)
         if not claim.claimed:
-            return claim, []
+            return claim, [], 1
         job = session.get(Job, job_id)
         assert job is not None  # just claimed in this session
         sources = [_Source(ji.instance.id, ji.instance.sop_instance_uid or "", ji.instance.spool_path or "")
                    for ji in job.images]
-    return claim, sources
+        earlier_images = session.scalar(
+            select(func.count(JobImage.id)).join(Job, JobImage.job_id == Job.id)
+            .where(Job.study_id == job.study_id, Job.created_at < job.created_at)
+        ) or 0  # fmt: skip
+    return claim, sources, int(earlier_images) + 1
 
 
 def _prepare(
@@ -226,13 +232,13 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     Raises:
         one of TRANSIENT_ERRORS when even the claim could not reach the audit DB.
     """
-    claim, sources = _start(ctx, job_id)
+    claim, sources, first_number = _start(ctx, job_id)
     if not claim.claimed:
         logger.info("job %s not started here: %s (was %s)", job_id, claim.outcome.value, claim.state_before or "-")
         return claim.outcome.value
     try:
         with Heartbeat(ctx.audit, job_id, ctx.actor, ctx.settings.job_lease_seconds):
-            outcome = _analyse(ctx, job_id, sources, config)
+            outcome = _analyse(ctx, job_id, sources, config, first_number)
     except TRANSIENT_ERRORS as error:
         return _retry_later(ctx, job_id, error)
     except LeaseLostError as error:
@@ -246,7 +252,8 @@ def run_analysis(ctx: WorkerContext, job_id: str, send_deliver: Callable[[str], 
     return outcome
 
 
-def _analyse(ctx: WorkerContext, job_id: str, sources: list[_Source], config: RationaleConfig | None) -> str:
+def _analyse(ctx: WorkerContext, job_id: str, sources: list[_Source], config: RationaleConfig | None,
+             first_number: int = 1) -> str:
     started = time.perf_counter()
     manifest = ctx.bundle.manifest
     prepared, skipped = _prepare(sources, manifest.resolution, ResourceLimits.from_settings(ctx.settings))
@@ -259,7 +266,7 @@ def _analyse(ctx: WorkerContext, job_id: str, sources: list[_Source], config: Ra
     model = ModelInfo(manifest.name, manifest.version, manifest.decision_threshold, manifest.bnp_threshold,
                       manifest.rationale_scale)
     images = tuple(_image_result(p, e, model.threshold) for p, e in zip(prepared, explanations, strict=True))
-    result = JobResult(job_id, model, ctx.settings.device, images, time.perf_counter() - started)
+    result = JobResult(job_id, model, ctx.settings.device, images, time.perf_counter() - started, first_number)
     arrays = {image.key: artefact_maps(e, p.geometry) for image, p, e in zip(images, prepared, explanations, strict=True)}
     write_job_result(ctx.spool.results, result, arrays)
     _finish(ctx, result, skipped)

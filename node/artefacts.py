@@ -104,6 +104,9 @@ class JobResult:
     device: str
     images: tuple[ImageResult, ...] = field(default_factory=tuple)
     seconds: float = 0.0
+    # the instance number of the first image's results: a late job of an analysed study numbers
+    # its objects after the earlier jobs' in the same result series
+    first_number: int = 1
 
     def __post_init__(self) -> None:
         if not self.images:
@@ -141,6 +144,7 @@ def read_job_result(results_root: Path, job_id: str) -> JobResult:
         device=data["device"],
         images=tuple(ImageResult(**image) for image in data["images"]),
         seconds=float(data.get("seconds", 0.0)),
+        first_number=int(data.get("first_number", 1)),
     )
 
 

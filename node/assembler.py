@@ -1,9 +1,19 @@
 """Study assembly: when a study is complete, select its eligible images and queue a job.
 
-A study is complete when no instance arrived for ``study_stable_seconds`` or,
-with ``complete_on_release``, when the association that sent it ends. All state
-lives in the audit DB, so a restarted node finishes what it had: stable studies
-get assembled and jobs committed but never put on the broker are sent.
+When is a study complete? Fast and safe by default (``docs/reliability.md``):
+
+- its association was *released* (the sender said it is done) and nothing more
+  arrived for ``release_quiet_seconds`` (1 s), and no other open association is
+  sending instances of it (``complete_on_release``, on by default);
+- or no instance arrived for ``study_stable_seconds`` (30 s): a study whose
+  association stays open, was aborted, or that comes over several associations
+  with gaps between them.
+
+An instance that arrives for a study already analysed makes a job of its own,
+linked to the earlier one (``Job.follows_job_id``): its results go into the same
+result series, numbered after the earlier job's. All state lives in the audit DB,
+so a restarted node finishes what it had: stable studies get assembled and jobs
+committed but never put on the broker are sent.
 """
 
 from __future__ import annotations
@@ -50,12 +60,13 @@ class Assembler:
         self.enqueue = enqueue
         self.actor = actor
         self.rule = rule or SelectionRule.from_settings(settings)
+        self.in_flight: Callable[[], set[str]] = set  # studies open associations are still sending
         self._released: set[str] = set()
         self._lock = threading.Lock()
         self.loop = SupervisedLoop("assembler", self.run_once, settings.assembler_poll_seconds)
 
     def mark_released(self, study_uids: set[str]) -> None:
-        """Called when an association ends: those studies are complete now (if configured)."""
+        """Called when an association is released: those studies complete after ``release_quiet_seconds``."""
         if self.settings.complete_on_release:
             with self._lock:
                 self._released |= study_uids
@@ -67,16 +78,22 @@ class Assembler:
         return new_jobs
 
     def _complete_studies(self) -> list[int]:
-        cutoff = utcnow() - timedelta(seconds=self.settings.study_stable_seconds)
-        with self._lock:
-            released, self._released = self._released, set()
+        now = utcnow()
+        stable = now - timedelta(seconds=self.settings.study_stable_seconds)
+        quiet = now - timedelta(seconds=self.settings.release_quiet_seconds)
         with self.audit.session() as session:
             rows = session.execute(
                 select(Study.id, Study.study_uid, Study.last_received_at).where(
                     Study.state == StudyState.RECEIVING
                 )
             ).all()
-        return [row.id for row in rows if row.study_uid in released or as_utc(row.last_received_at) <= cutoff]
+        sending = self.in_flight()
+        with self._lock:
+            released = self._released & {row.study_uid for row in rows}  # forget studies assembled meanwhile
+            complete = [row for row in rows if as_utc(row.last_received_at) <= stable or (
+                row.study_uid in released and row.study_uid not in sending and as_utc(row.last_received_at) <= quiet)]
+            self._released = released - {row.study_uid for row in complete}
+        return [row.id for row in complete]
 
     def _assemble(self, study_id: int) -> str | None:
         with self.audit.session() as session:
@@ -87,15 +104,19 @@ class Assembler:
             if not eligible:
                 _record_no_eligible(session, study, skipped, self.actor)
                 return None
-            job = Job(id=str(uuid.uuid4()), study_id=study.id, state=JobState.QUEUED)
+            earlier = session.scalar(
+                select(Job.id).where(Job.study_id == study.id).order_by(Job.created_at.desc()).limit(1)
+            )
+            job = Job(id=str(uuid.uuid4()), study_id=study.id, state=JobState.QUEUED, follows_job_id=earlier)
             session.add(job)
             session.add_all(JobImage(job_id=job.id, instance_id=instance_id) for instance_id in eligible)
             study.state = StudyState.ASSEMBLED
             study.assembled_at = utcnow()
+            late = f"; late instance(s) of a study analysed in job {earlier}: same result series" if earlier else ""
             add_event(
                 session, "job.queued", ("job", job.id), self.actor,
-                f"study assembled: {len(eligible)} eligible image(s), {len(skipped)} skipped",
-                {"study_id": study.id, "eligible": len(eligible), "skipped": skipped},
+                f"study assembled: {len(eligible)} eligible image(s), {len(skipped)} skipped{late}",
+                {"study_id": study.id, "eligible": len(eligible), "skipped": skipped, "follows_job_id": earlier},
             )  # fmt: skip
             job_id = job.id
         log.info("job %s queued for study #%d (%d images)", job_id, study_id, len(eligible))

@@ -127,8 +127,17 @@ class Settings(BaseSettings):
         3072, ge=64, description="a prefork worker child is replaced after a task leaves it above this memory"
     )
     # -- study assembly
-    study_stable_seconds: float = Field(5.0, gt=0, description="a study is complete after this quiet time")
-    complete_on_release: bool = Field(False, description="also complete a study when its association ends")
+    study_stable_seconds: float = Field(
+        30.0, gt=0, description="a study is complete after this quiet time (its association still open, or "
+        "aborted); see release_quiet_seconds"
+    )
+    complete_on_release: bool = Field(
+        True, description="a study is complete once the association that sent it is released and "
+        "release_quiet_seconds pass with nothing more for it"
+    )
+    release_quiet_seconds: float = Field(
+        1.0, ge=0, description="quiet time after the sending association's release before a study is complete"
+    )
     assembler_poll_seconds: float = Field(0.5, gt=0, description="how often the assembler looks for stable studies")
     reconcile_seconds: float = Field(2.0, gt=0, description="how often the node re-publishes overdue jobs")
     job_lease_seconds: float = Field(

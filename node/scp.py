@@ -93,6 +93,11 @@ class AssociationLog:
         with self._lock:
             self._studies.setdefault(id(assoc), set()).add(study_uid)
 
+    def studies_in_flight(self) -> set[str]:
+        """Studies an association that is still open has sent instances for (it may send more)."""
+        with self._lock:
+            return set().union(*self._studies.values()) if self._studies else set()
+
     def close(self, assoc: Any, outcome: AssociationOutcome) -> set[str]:
         """Record the end; returns the studies this association delivered instances for."""
         with self._lock:

@@ -43,6 +43,7 @@ class NodeService:
             AssociationLog(self.audit, actor),
             on_release=self.assembler.mark_released,
         )
+        self.assembler.in_flight = self.scp.associations.studies_in_flight
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.thread_died = threading.Event()

@@ -127,7 +127,7 @@ def build_for_image(result: JobResult, index: int, results_root: Path, report_oo
     if report_ood and image.ood_flag:
         caption = replace(caption, finding="heart failure likely" if image.positive else "heart failure unlikely")
     equipment = AlgorithmEquipment(model.name, model.version)
-    study, version, number = str(source.StudyInstanceUID), model.version, index + 1
+    study, version, number = str(source.StudyInstanceUID), model.version, result.first_number + index
 
     def identity(kind: ObjectKind, series: SeriesKind, instance_number: int) -> ResultIdentity:
         return _identity(study, image.source_sop_instance_uid, version, kind, series, instance_number)

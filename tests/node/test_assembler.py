@@ -200,3 +200,59 @@ def test_assembler_skip_reasons_from_settings_in_the_audit(running_node: Any, tm
         assert event.details["skipped"] == {
             str(images[1].SOPInstanceUID): "ImageType ['DERIVED', 'PRIMARY'] not in ['ORIGINAL']"
         }
+
+
+def _jobs(service: Any) -> list[Job]:
+    with service.audit.session() as session:
+        return list(session.scalars(select(Job).order_by(Job.created_at)))
+
+
+def test_released_study_completes_after_the_short_quiet_time_not_the_long_one(running_node: Any,
+                                                                              tmp_path: Path) -> None:
+    """Default policy: released + release_quiet_seconds -> assembled, long before study_stable_seconds."""
+    service = running_node(study_stable_seconds=3600, release_quiet_seconds=0.5)
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    began = time.monotonic()
+    _send(service, [write(make_image(study_uid, seed=3), tmp_path)])
+    study = _wait_for_study(service, study_uid, timeout=10)
+    assert study.state == StudyState.ASSEMBLED and time.monotonic() - began < 5
+
+
+def test_released_study_waits_while_another_association_still_sends_it(running_node: Any, tmp_path: Path) -> None:
+    """One association released, a second one still open with the same study: not complete until it ends."""
+    from pynetdicom import AE
+
+    service = running_node(study_stable_seconds=3600, release_quiet_seconds=0.2)
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    first, second = (write(make_image(study_uid, seed=seed), tmp_path / str(seed)) for seed in (4, 5))
+    ae = AE(ae_title="GVRSCU")
+    ae.add_requested_context(FileToSend.read(second).sop_class_uid)
+    held = ae.associate("127.0.0.1", service.port, ae_title="GVRNODE")
+    assert held.is_established and held.send_c_store(second).Status == 0
+    _send(service, [first])  # a second association: sent and released
+    time.sleep(1.5)
+    with service.audit.session() as session:
+        assert session.scalar(select(Study.state).where(Study.study_uid == study_uid)) == StudyState.RECEIVING
+    held.release()
+    assert _wait_for_study(service, study_uid).state == StudyState.ASSEMBLED
+    assert len(_jobs(service)) == 1
+
+
+def test_late_instance_gets_its_own_job_linked_to_the_first(running_node: Any, tmp_path: Path) -> None:
+    """An image arriving after the study was analysed: a second job, follows_job_id set, said in its event."""
+    service = running_node(release_quiet_seconds=0.1)
+    service.assembler.enqueue = lambda job: None
+    study_uid = generate_uid()
+    _send(service, [write(make_image(study_uid, seed=6), tmp_path / "a")])
+    _wait_for_study(service, study_uid)
+    _send(service, [write(make_image(study_uid, seed=7), tmp_path / "b")])
+    deadline = time.monotonic() + 10
+    while len(_jobs(service)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first, late = _jobs(service)
+    assert first.follows_job_id is None and late.follows_job_id == first.id
+    with service.audit.session() as session:
+        event = session.scalar(select(Event).where(Event.kind == "job.queued", Event.subject_id == late.id))
+        assert event is not None and f"analysed in job {first.id}" in event.message

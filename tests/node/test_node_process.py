@@ -146,7 +146,7 @@ def test_node_sigkill_mid_association_loses_no_acknowledged_instance(node_factor
         for sop_uid in acknowledged:
             assert sop_uid in rows, f"acknowledged instance {sop_uid} missing from the audit DB"
             assert Path(rows[sop_uid].spool_path).is_file()
-        assert not any((node.data_dir / "spool" / "tmp").iterdir()), "partial writes must be cleared"
+        assert not any((node.data_dir / "spool" / "tmp" / "node").iterdir()), "partial writes must be cleared"
         jobs = _wait_for(lambda: _jobs_for(audit, study_uid), 20, "the study to be assembled after restart")
         assert len(jobs) == 1
     finally:

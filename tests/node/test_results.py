@@ -430,3 +430,22 @@ def test_cine_labels_say_model_decoding() -> None:
     assert cine_label(0, 6) == "model decoding (not the original)"
     assert all("model decoding" in cine_label(i, 6) for i in range(6))
     assert "original" not in cine_label(5, 6)
+
+
+def test_late_job_numbers_its_objects_after_the_earlier_job(tmp_path: Path) -> None:
+    """first_number 3 (two images analysed in an earlier job of the study): the same series, numbers 5, 6, 3, 3."""
+    from dataclasses import replace
+
+    from node.artefacts import read_job_result
+
+    fake = make_fake_job(tmp_path)
+    late = replace(fake.result, first_number=3)
+    write_job_result(fake.spool.results, late, {})
+    assert read_job_result(fake.spool.results, fake.job_id).first_number == 3
+    first = build_results(fake.spool.results, fake.job_id)
+    replace_back = replace(fake.result, first_number=1)
+    write_job_result(fake.spool.results, replace_back, {})
+    earlier = build_results(fake.spool.results, fake.job_id)
+    assert [int(ds.InstanceNumber) for ds in first] == [5, 6, 3, 3]
+    assert [int(ds.InstanceNumber) for ds in earlier] == [1, 2, 1, 1]
+    assert [ds.SeriesInstanceUID for ds in first] == [ds.SeriesInstanceUID for ds in earlier]
