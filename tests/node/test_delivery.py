@@ -26,10 +26,19 @@ from PIL import Image
 from sqlalchemy import select
 
 from node.audit.migrate import upgrade
-from node.audit.models import Delivery, DeliveryStatus, Event, Job, JobState, Study, StudyState, as_utc, utcnow
+from node.audit.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    as_utc,
+    utcnow,
+)
 from node.celery_app import QUEUE_DICOM, TASK_DELIVER, enqueue_delivery, make_celery
 from node.config import Peer, Settings
-from node.reconciler import Reconciler
 from node.delivery import (
     DeliveryContext,
     DeliveryError,
@@ -38,6 +47,7 @@ from node.delivery import (
     deliver_job,
     run_delivery,
 )
+from node.reconciler import Reconciler
 from node.results.build import outbox_path, read_outbox
 from node.scu import FileToSend, send_files
 from tests.node.test_results import FakeJob, blob_mask, make_fake_job
