@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale bench-web clean
+.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale bench-web bench-delivery clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ bench-rationale: $(STAMP)
 ## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
 bench-e2e: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.e2e
+
+## Delivery CPU per study (build the SCs and SR, C-STORE them) beside dcmtk storescu sending the same files.
+bench-delivery: $(STAMP) system-deps
+	$(BIN)/python -m benchmarks.delivery
 
 ## Review page (gvr web): server time per page with 10,000 jobs in a private SQLite audit DB.
 bench-web: $(STAMP)

@@ -64,8 +64,10 @@ def _cached_png(results_root: str, job_id: str, key: str, kind: str, _stamp: int
 
 
 def _png(pixels: np.ndarray) -> bytes:
-    """[0, 1] floats (grey or RGB) to PNG, at most MAX_SIDE pixels a side."""
-    picture = Image.fromarray(np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8))
+    """uint8, or [0, 1] floats (grey or RGB) to PNG, at most MAX_SIDE pixels a side."""
+    if pixels.dtype != np.uint8:
+        pixels = np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+    picture = Image.fromarray(pixels)
     if max(picture.size) > MAX_SIDE:
         picture.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
     buffer = io.BytesIO()

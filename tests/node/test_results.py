@@ -449,3 +449,55 @@ def test_late_job_numbers_its_objects_after_the_earlier_job(tmp_path: Path) -> N
     assert [int(ds.InstanceNumber) for ds in first] == [5, 6, 3, 3]
     assert [int(ds.InstanceNumber) for ds in earlier] == [1, 2, 1, 1]
     assert [ds.SeriesInstanceUID for ds in first] == [ds.SeriesInstanceUID for ds in earlier]
+
+
+def test_blend_tables_match_the_float_formula_within_two_grey_levels() -> None:
+    """The integer blend (256-entry tint tables) draws what (1 - a) * grey + a * colour(t) says, +-2 of 255."""
+    from node.results.overlay import blend, diverging_colours, overlay_alpha
+
+    rng = np.random.default_rng(0)
+    base = rng.random((64, 64), dtype=np.float32)
+    scale = 0.3
+    rationale = rng.uniform(-1.5 * scale, 1.5 * scale, (64, 64)).astype(np.float32)
+    alpha = overlay_alpha(rationale, scale)[..., None]
+    expected = (1 - alpha) * base[..., None] + alpha * diverging_colours(rationale / scale)
+    drawn = blend(base, rationale, scale)
+    assert drawn.dtype == np.uint8 and drawn.shape == (64, 64, 3)
+    assert np.abs(drawn.astype(int) - np.rint(expected * 255).astype(int)).max() <= 2
+    quiet = np.abs(rationale) < 0.1 * scale  # under the tint floor: exactly the grey image
+    assert np.array_equal(drawn[quiet], np.repeat(np.rint(base * 255).astype(np.uint8)[quiet][:, None], 3, axis=1))
+
+
+def _display_reference(ds: Dataset) -> np.ndarray:
+    """The display image by pydicom's LUT functions in float64 (what display_image computed before)."""
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
+    if "WindowCenter" in ds or "VOILUTSequence" in ds:
+        values = apply_voi_lut(values, ds, index=0).astype(np.float64)
+    low, high = values.min(), values.max()
+    scaled = (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return 1.0 - scaled if ds.get("PhotometricInterpretation") == "MONOCHROME1" else scaled
+
+
+@pytest.mark.parametrize("variant", ["plain", "window", "two windows", "rescaled", "monochrome1", "sigmoid"])
+def test_display_image_fast_path_matches_pydicom(variant: str) -> None:
+    """The float32 modality/VOI path equals pydicom's float64 one (to 1e-4) for each common header."""
+    ds = phantom_dataset(make_phantom(3, 128))
+    for keyword in ("WindowCenter", "WindowWidth", "VOILUTFunction", "RescaleSlope", "RescaleIntercept"):
+        if keyword in ds:
+            delattr(ds, keyword)
+    if variant in ("window", "sigmoid", "rescaled", "monochrome1"):
+        ds.WindowCenter, ds.WindowWidth = 1800, 2400
+    if variant == "two windows":
+        ds.WindowCenter, ds.WindowWidth = [1500, 2000], [1000, 3000]
+    if variant == "rescaled":
+        ds.RescaleSlope, ds.RescaleIntercept = "0.5", "-100"
+        ds.WindowCenter = 700
+    if variant == "monochrome1":
+        ds.PhotometricInterpretation = "MONOCHROME1"
+    if variant == "sigmoid":
+        ds.VOILUTFunction = "SIGMOID"
+    fast = display_image(ds)
+    assert fast.dtype == np.float32
+    np.testing.assert_allclose(fast, _display_reference(ds), atol=1e-4)
