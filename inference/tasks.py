@@ -58,6 +58,10 @@ MAX_RETRIES = 5
 REJECT_PAUSE_S = 2.0  # the audit DB is away: wait this long before giving a message back
 
 
+class WorkerSetupError(RuntimeError):
+    """The worker process cannot load its bundle or device: no job can run here."""
+
+
 class LeaseLostError(RuntimeError):
     """This worker's lease expired and the job went to another worker: its result is not recorded."""
 
@@ -93,11 +97,27 @@ class _ProcessContext:
             self._context = WorkerContext.load(load_settings())
         return self._context
 
+    def loaded(self) -> WorkerContext | None:
+        """The context if this process has one (a failed bundle load leaves none)."""
+        return self._context
+
     def reset(self) -> None:
         self._context = None
 
 
 PROCESS = _ProcessContext()
+
+
+@dataclass(frozen=True)
+class _AuditOnly:
+    """Enough to mark a job FAILED when the bundle (or the device) cannot be loaded."""
+
+    audit: AuditDB
+    actor: str
+
+    @classmethod
+    def load(cls) -> _AuditOnly:
+        return cls(AuditDB(load_settings().audit_url), actor_name("worker"))
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -177,7 +197,7 @@ def _record_skipped(ctx: WorkerContext, job_id: str, sources: list[_Source], ski
                           {"job_id": job_id, "sop_instance_uid": source.sop_instance_uid})
 
 
-def _fail(ctx: WorkerContext, job_id: str, reason: str) -> None:
+def _fail(ctx: WorkerContext | _AuditOnly, job_id: str, reason: str) -> None:
     """End the job FAILED with ``reason`` (a sentence) and the command that runs it again."""
     message = f"{reason}. Run it again with: gvr rerun {job_id}"
     with ctx.audit.session() as session:
@@ -319,7 +339,7 @@ def failure_sentence(what: str, error: BaseException) -> str:
     """A sentence for the audit: our own errors speak for themselves, library ones by type and place."""
     if isinstance(error, MemoryError):
         return f"{what} ran out of memory ({describe_error(error)})"
-    if isinstance(error, (UnusableImageError, BundleInvalidError)):
+    if isinstance(error, (UnusableImageError, BundleInvalidError, WorkerSetupError)):
         return f"{what} failed: {error}"
     if isinstance(error, OSError):
         return f"{what} failed: {type(error).__name__}: {error.strerror or error}"
@@ -332,7 +352,7 @@ class AnalysisTask(Task):  # type: ignore[misc]
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         job_id = job_id_argument(args, kwargs)
         try:
-            _fail(PROCESS.get(), job_id, failure_sentence("inference", exc))
+            _fail(PROCESS.loaded() or _AuditOnly.load(), job_id, failure_sentence("inference", exc))
         except Exception as error:  # noqa: BLE001 - the lease expiring brings the job back
             logger.error("job %s failed (%s) and could not be marked FAILED: %s", job_id, type(exc).__name__,
                          type(error).__name__)  # fmt: skip
@@ -346,8 +366,9 @@ def analyze_study(self: Task, job_id: str) -> str:
     """Predict and explain job ``job_id``; see the module docstring."""
     try:
         ctx = PROCESS.get()
-    except BundleInvalidError as error:
-        raise BundleInvalidError(f"the worker cannot load its bundle: {error}") from error
+    except Exception as error:  # a bad bundle, a missing file, no CUDA: each ends the job with why
+        raise WorkerSetupError(f"the worker cannot load its model bundle ({type(error).__name__}: {error}); "
+                               "fix the bundle or the device, then run the job again") from error  # fmt: skip
     options = self.app.conf.get(RATIONALE_CONF_KEY) or {}
     config = RationaleConfig(**options)
 

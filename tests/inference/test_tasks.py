@@ -339,3 +339,24 @@ def test_worker_cli_refuses_bad_options() -> None:
     assert worker_cli.main(["--queues", "gpu,video"]) == 2
     assert worker_cli.main(["--concurrency", "0"]) == 2
     assert worker_cli.main(["--weight", "-1"]) == 2
+
+
+def test_a_worker_that_cannot_load_its_bundle_marks_the_job_failed(settings: Settings, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task cannot load the bundle: FAILED with a sentence naming the bundle, in well under 2 s."""
+    from inference import tasks
+
+    job_id = _job(settings, [11])
+    monkeypatch.setenv("GVR_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setenv("GVR_BUNDLE_DIR", str(tmp_path / "no-such-bundle"))
+    monkeypatch.setattr(tasks.PROCESS, "_context", None)
+    began = time.monotonic()
+    result = tasks.analyze_study.apply(args=[job_id])
+    assert result.failed()
+    audit = AuditDB(settings.audit_url)
+    with audit.session() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.state is JobState.FAILED and job.error is not None
+        assert "cannot load its model bundle" in job.error and f"gvr rerun {job_id}" in job.error
+    audit.dispose()
+    assert time.monotonic() - began < 2.0
