@@ -22,6 +22,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
+from node import reactor_wakeup
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Association, AssociationOutcome, utcnow
 from node.config import Settings
@@ -34,11 +35,6 @@ from node.supervision import describe_error
 log = logging.getLogger(__name__)
 
 ReleaseCallback = Callable[[set[str]], None]
-
-# How long an accepted association's DUL thread sleeps when idle; pynetdicom's default
-# is 1 ms. 0.1 ms cut the wait between instances from ~6.8 to ~3.7 ms in
-# benchmarks/ingest.py, for ~10% of a core while a peer holds an idle association.
-DUL_POLL_SECONDS = 0.0001
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -129,10 +125,9 @@ def handle_conn_open(event: Any, settings: Settings | None = None) -> None:
         # issue 9: network_timeout applies per read; a PDU as a whole must arrive within its deadline
         if settings is not None:
             install(event.assoc.dul.socket, settings.pdu_deadline_seconds, settings.min_data_rate_kb * 1024)
-    # The DUL thread sleeps this long whenever it finds nothing to do, so each response
-    # waits up to that long before it is sent. The thread lives only as long as this
-    # connection, so the faster poll costs CPU only while a peer is connected.
-    event.assoc.dul._run_loop_delay = DUL_POLL_SECONDS  # a private attribute: no public setting
+    # issue 12: pynetdicom's two threads per association poll (1 ms sleeps); woken by their queues
+    # and the socket instead, an instance is served as soon as it arrives and an idle peer costs no CPU
+    reactor_wakeup.install(event.assoc)
     run_checks_first(event.assoc)
 
 
