@@ -74,6 +74,10 @@ class Ingestor:
             return self._refuse(request, StoreStatus.OUT_OF_RESOURCES, f"spool write failed: {error}")
         return IngestResult(status, header.study_uid if status == StoreStatus.SUCCESS else None)
 
+    def refuse(self, request: StoreRequest, status: StoreStatus, reason: str) -> IngestResult:
+        """Audit an instance refused before it was whole (``node.message_cap``): the same REJECTED row."""
+        return self._refuse(request, status, reason)
+
     def _refuse(self, request: StoreRequest, status: StoreStatus, reason: str) -> IngestResult:
         self._audit_rejection(request, status, reason)
         return IngestResult(status)

@@ -7,6 +7,7 @@ from pynetdicom's notification events; the C-STORE handler delegates to ``Ingest
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import ssl
@@ -28,6 +29,9 @@ from node.audit.models import Association, AssociationOutcome, utcnow
 from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, StoreRequest
+from node.limits import MB
+from node.message_cap import RefusedMessage
+from node.message_cap import install as install_message_cap
 from node.pdu_deadline import install
 from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from node.supervision import describe_error
@@ -35,6 +39,7 @@ from node.supervision import describe_error
 log = logging.getLogger(__name__)
 
 ReleaseCallback = Callable[[set[str]], None]
+ROW_WAIT_SECONDS = 2.0  # an aborted message waits this long at most for its association's audit row
 
 
 def set_nodelay(sock: socket.socket) -> None:
@@ -53,7 +58,7 @@ class AssociationLog:
         self.actor = actor
         self._rows: dict[int, int] = {}
         self._studies: dict[int, set[str]] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # also signals a new row to wait_row_id
 
     def open(self, assoc: Any, outcome: AssociationOutcome, reason: str | None = None) -> int | None:
         requestor = assoc.requestor
@@ -79,10 +84,17 @@ class AssociationLog:
             return None
         with self._lock:
             self._rows[id(assoc)] = row.id
+            self._lock.notify_all()
         return row.id
 
     def row_id(self, assoc: Any) -> int | None:
         with self._lock:
+            return self._rows.get(id(assoc))
+
+    def wait_row_id(self, assoc: Any, timeout: float) -> int | None:
+        """``row_id`` from a thread that may run before EVT_ACCEPTED's handler wrote the row (the DUL's)."""
+        with self._lock:
+            self._lock.wait_for(lambda: id(assoc) in self._rows, timeout)
             return self._rows.get(id(assoc))
 
     def note_study(self, assoc: Any, study_uid: str) -> None:
@@ -129,6 +141,35 @@ def handle_conn_open(event: Any, settings: Settings | None = None) -> None:
     # and the socket instead, an instance is served as soon as it arrives and an idle peer costs no CPU
     reactor_wakeup.install(event.assoc)
     run_checks_first(event.assoc)
+
+
+def handle_conn_open_cap(event: Any, settings: Settings, ingestor: Ingestor, associations: AssociationLog) -> None:
+    """issue 9: max_instance_mb bounds the message while it arrives, not only once pynetdicom has buffered it.
+
+    Bound after ``handle_conn_open``, which installs the PDU deadline this cap builds on.
+    """
+    transport = event.assoc.dul.socket
+    if transport is not None and transport.socket is not None:
+        refused = functools.partial(audit_refused_message, ingestor=ingestor, associations=associations)
+        install_message_cap(transport, settings.max_instance_mb * MB, refused)
+
+
+def audit_refused_message(
+    assoc: Any, refused: RefusedMessage, ingestor: Ingestor, associations: AssociationLog
+) -> None:
+    """The REJECTED row of an instance aborted mid-stream, with the UIDs its command set gave."""
+    request = StoreRequest(
+        data=b"",
+        sop_class_uid=refused.sop_class_uid,
+        sop_instance_uid=refused.sop_instance_uid,
+        association_id=associations.wait_row_id(assoc, ROW_WAIT_SECONDS),  # the DUL thread can be first
+    )
+    reason = (
+        f"the instance passed the {refused.max_bytes / MB:.0f} MB limit (max_instance_mb) while it was received "
+        f"({refused.received_bytes / MB:.1f} MB in, a PDU of {refused.refused_pdu_bytes / MB:.1f} MB announced); "
+        "association aborted"
+    )
+    ingestor.refuse(request, StoreStatus.EXCEEDS_RESOURCE_LIMIT, reason)
 
 
 def run_checks_first(assoc: Any) -> None:
@@ -341,6 +382,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple[Any, ...]]:
         return [
             (evt.EVT_CONN_OPEN, handle_conn_open, [self.settings]),
+            (evt.EVT_CONN_OPEN, handle_conn_open_cap, [self.settings, self.ingestor, self.associations]),
             (evt.EVT_ACCEPTED, handle_accepted, [self.associations]),
             (evt.EVT_REJECTED, handle_rejected, [self.associations, self.settings]),
             (evt.EVT_RELEASED, handle_released, [self.associations, self.on_release]),
