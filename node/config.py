@@ -114,7 +114,10 @@ class Settings(BaseSettings):
     min_free_disk_mb: int = Field(256, ge=0, description="refuse instances (0xA700) below this free space")
     # -- resource limits (issue 9), checked from headers before any decode or inflate; over a limit the SCP
     # answers 0xC001 and the worker skips the image. node.limits.ResourceLimits holds the same defaults.
-    max_instance_mb: int = Field(256, ge=1, description="refuse (0xC001) an instance larger than this")
+    max_instance_mb: int = Field(
+        256, ge=1,
+        description="refuse (0xC001) an instance larger than this; abort the association as soon as one passes it",
+    )
     max_image_pixels: int = Field(64_000_000, ge=1, description="refuse an image whose Rows x Columns x frames exceeds this")
     max_pixel_data_mb: int = Field(256, ge=1, description="refuse an image whose decoded pixels would exceed this")
     max_inflated_mb: int = Field(64, ge=1, description="refuse a deflated data set that inflates beyond this")
