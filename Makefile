@@ -32,8 +32,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy --strict node inference training
 
+## Ingest benchmark: the node (SQLite and PostgreSQL audit DB), Orthanc and dcmtk storescp from storescu,
+## 1 and 8 associations; the table into docs/bench-ingest.md.
 bench-ingest: $(STAMP) system-deps
-	$(BIN)/python -m benchmarks.ingest
+	$(BIN)/python -m benchmarks.ingest --markdown docs/bench-ingest.md
 
 ## Rationale benchmark: GVR vs Latent Shift, captum and image-independent templates on held-out
 ## phantoms with twins, the lambda sweep, speed and the digits; tables and figures into docs/rationale.md.

@@ -1,45 +1,52 @@
-"""Ingest benchmark: the node's storage SCP against dcmtk ``storescp`` on loopback.
+"""Ingest benchmark: the node's storage SCP beside Orthanc and dcmtk ``storescp``, in one run.
 
-Why: the node acknowledges an instance only after it is durable (write, fsync,
-rename, directory fsync) and audited (a committed SQLite row), so it can never
-match a receiver that only writes files; this measures how close it gets. Both
-receivers get the same instances from the same ``storescu`` in one association,
-timed from storescu's start to its exit, with ``TCP_NODELAY=1`` (Nagle costs
-~40 ms per instance on loopback otherwise).
+Why: a PACS administrator compares receivers; the node acknowledges an instance only
+after it is durable (write, fsync, link, directory fsync) and audited (a committed
+row), Orthanc stores and indexes, ``storescp`` only writes files. All get the same
+instances from dcmtk ``storescu``, over one association and over 8 concurrent ones,
+timed from the first storescu's start to the last one's exit, with ``TCP_NODELAY=1``
+(Nagle costs ~40 ms per instance on loopback otherwise). The node runs twice: with
+its embedded SQLite audit DB and with PostgreSQL (a database of its own, dropped after).
 
-Run: ``make bench-ingest`` or ``python -m benchmarks.ingest [--quick]``.
+Run: ``make bench-ingest`` or ``python -m benchmarks.ingest [--quick] [--markdown docs/bench-ingest.md]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
-import signal
-import socket
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from benchmarks.ingest_receivers import (
+    NodeReceiver,
+    OrthancReceiver,
+    Receiver,
+    StorescpReceiver,
+    nodelay_env,
+    orthanc_installed,
+    tree_cpu_seconds,
+)
 from tests.peers_dcmtk import DcmtkNotFound, dcmtk_tool
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
-NODE_AET = "GVRNODE"
-STORESCP_AET = "STORESCP"
 SCU_AET = "BENCHSCU"
-READY_TIMEOUT_S = 60.0
 SEND_TIMEOUT_S = 600.0
+CONCURRENT = 8
+NODE_SQLITE, NODE_POSTGRES = "node (SQLite)", "node (PostgreSQL)"
+DOC_BEGIN, DOC_END = "<!-- bench-ingest results: begin -->", "<!-- bench-ingest results: end -->"
 
 
 @dataclass(frozen=True)
@@ -47,17 +54,22 @@ class Run:
     """One timed send of every instance to one receiver."""
 
     receiver: str
+    associations: int
     instances: int
     seconds: float
     receiver_cpu_seconds: float
 
     def __post_init__(self) -> None:
-        if self.instances <= 0 or self.seconds <= 0:
-            raise ValueError(f"a run needs instances and time, got {self.instances} in {self.seconds} s")
+        if self.instances <= 0 or self.seconds <= 0 or self.associations <= 0:
+            raise ValueError(f"a run needs instances, associations and time, got {self}")
 
     @property
     def per_second(self) -> float:
         return self.instances / self.seconds
+
+    @property
+    def cpu_ms_per_instance(self) -> float:
+        return 1000 * self.receiver_cpu_seconds / self.instances
 
 
 # -- the instances ---------------------------------------------------------------------
@@ -100,146 +112,135 @@ def _cr_dataset(study_uid: str, series_uid: str, index: int, pixels: np.ndarray)
     return ds
 
 
-# -- processes and ports ---------------------------------------------------------------
+# -- sending ----------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Poll connect until the receiver listens; fail early if it died."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"receiver exited with {process.returncode} before listening:\n{_tail(log)}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.02)  # a poll interval, not a guess at readiness
-    raise RuntimeError(f"nothing listened on port {port} within {READY_TIMEOUT_S} s:\n{_tail(log)}")
-
-
-def _tail(log: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (Linux /proc), 0.0 where unavailable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def running(
-    command: list[str], env: dict[str, str], port: int, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a receiver, wait until it listens, and stop it (SIGTERM, then SIGKILL) after."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            wait_for_port(port, process, log)
-            yield process
-        finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-
-
-def dcmtk_env() -> dict[str, str]:
-    return {**os.environ, "TCP_NODELAY": "1"}
-
-
-def send_all(source: Path, called_aet: str, port: int, receiver: subprocess.Popen[bytes], count: int) -> Run:
-    """One ``storescu`` association with every file in ``source``; timed start to exit."""
+def send_all(files: list[Path], receiver: Receiver, work: Path, associations: int) -> Run:
+    """``associations`` storescu processes at once, one association each, the files dealt round-robin."""
     storescu = dcmtk_tool("storescu")
-    command = [storescu, "-aet", SCU_AET, "-aec", called_aet, "127.0.0.1", str(port), "+sd", str(source)]
-    cpu_before = cpu_seconds(receiver.pid)
-    started = time.perf_counter()
-    done = subprocess.run(command, env=dcmtk_env(), capture_output=True, timeout=SEND_TIMEOUT_S, check=False)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"storescu exited {done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}"
-        )
-    return Run(called_aet, count, seconds, cpu_seconds(receiver.pid) - cpu_before)
+    with receiver.serve(work) as listening:
+        commands = [
+            [storescu, "-aet", SCU_AET, "-aec", listening.aet, "127.0.0.1", str(listening.port),
+             *map(str, files[index::associations])]
+            for index in range(associations)
+        ]  # fmt: skip
+        cpu_before = tree_cpu_seconds(listening.pid)
+        started = time.perf_counter()
+        senders = [
+            subprocess.Popen(command, env=nodelay_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            for command in commands
+        ]
+        failures = [_failure(sender) for sender in senders]
+        seconds = time.perf_counter() - started
+        cpu = tree_cpu_seconds(listening.pid) - cpu_before
+    errors = [failure for failure in failures if failure]
+    if errors:
+        raise RuntimeError(f"storescu failed sending to {receiver.name}: {errors[0]}")
+    receiver.check(work, len(files))
+    return Run(receiver.name, associations, len(files), seconds, cpu)
 
 
-# -- the two receivers -----------------------------------------------------------------
+def _failure(sender: subprocess.Popen[bytes]) -> str | None:
+    try:
+        _, stderr = sender.communicate(timeout=SEND_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        sender.kill()
+        sender.communicate()
+        return f"no exit within {SEND_TIMEOUT_S} s"
+    return (
+        None
+        if sender.returncode == 0
+        else f"exit {sender.returncode}: {stderr.decode(errors='replace')[-2000:]}"
+    )
 
 
-def node_command() -> list[str]:
-    gvr = Path(sys.executable).with_name("gvr")
-    return [str(gvr), "node"] if gvr.exists() else [sys.executable, "-m", "node.cli.main", "node"]
+def postgres_receiver() -> NodeReceiver | None:
+    """The node with a PostgreSQL audit DB (a fresh database per run); None without a server."""
+    from tests.peers_servers import find_postgres
+
+    server = find_postgres()
+    return None if server is None else NodeReceiver(NODE_POSTGRES, server)
 
 
-def bench_node(source: Path, count: int, work: Path) -> Run:
-    """The node with its defaults (SQLite audit, durable spool); checks all were kept."""
-    data_dir, port = work / "node-data", free_port()
-    inherited = {key: value for key, value in os.environ.items() if not key.startswith("GVR_")}
-    env = {  # the defaults (SQLite audit DB, server-less broker), whatever the caller's shell sets
-        **inherited,
-        "GVR_DATA_DIR": str(data_dir),
-        "GVR_PORT": str(port),
-        "GVR_BIND_ADDRESS": "127.0.0.1",
-        "GVR_AE_TITLE": NODE_AET,
-        "GVR_STUDY_STABLE_SECONDS": "3600",  # ingest only: no jobs queued while we measure
-    }
-    with running(node_command(), env, port, work / "node.log") as node:
-        run = send_all(source, NODE_AET, port, node, count)
-    check_node_kept(data_dir, count)
-    return run
+def run_all(
+    files: list[Path], receivers: list[Receiver], modes: list[int], repeats: int, root: Path
+) -> list[Run]:
+    """Interleave receivers and modes so a load change on the machine hits all alike."""
+    runs: list[Run] = []
+    for repeat in range(repeats):
+        for associations in modes:
+            for receiver in receivers:
+                work = root / f"{_slug(receiver.name)}-{associations}-{repeat}"
+                work.mkdir()
+                runs.append(send_all(files, receiver, work, associations))
+                print(f"  {receiver.name:<18} x{associations} run {repeat + 1}: "
+                      f"{runs[-1].per_second:6.1f} instances/s, {runs[-1].cpu_ms_per_instance:5.2f} ms CPU each",
+                      flush=True)  # fmt: skip
+                shutil.rmtree(work, ignore_errors=True)
+    return runs
 
 
-def check_node_kept(data_dir: Path, count: int) -> None:
-    with closing(sqlite3.connect(data_dir / "audit.sqlite3")) as db:
-        statuses = dict(db.execute("select status, count(*) from instances group by status").fetchall())
-    files = sum(1 for _ in (data_dir / "spool" / "incoming").rglob("*.dcm"))
-    if statuses != {"accepted": count} or files != count:
-        raise RuntimeError(f"node kept {files} files, audit rows {statuses}; expected {count} accepted")
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def bench_storescp(source: Path, count: int, work: Path) -> Run:
-    """dcmtk ``storescp`` writing each instance to a folder (no fsync, no index)."""
-    out, port = work / "storescp-data", free_port()
-    out.mkdir()
-    command = [dcmtk_tool("storescp"), "-od", str(out), "-aet", STORESCP_AET, str(port)]
-    with running(command, dcmtk_env(), port, work / "storescp.log") as storescp:
-        run = send_all(source, STORESCP_AET, port, storescp, count)
-    files = sum(1 for _ in out.iterdir())
-    if files != count:
-        raise RuntimeError(f"storescp wrote {files} files; expected {count}")
-    return run
-
-
-# -- the report ------------------------------------------------------------------------
+# -- the report -------------------------------------------------------------------------
 
 
 def median_rate(runs: list[Run]) -> float:
     return statistics.median(run.per_second for run in runs)
 
 
-def report(node: list[Run], storescp: list[Run], count: int) -> str:
-    rows = [f"{count} instances x {len(node)} repeat(s), one association each, TCP_NODELAY=1"]
-    rows.append(f"{'receiver':<10} {'median/s':>9} {'runs/s':>24} {'CPU ms/inst':>12}")
-    for name, runs in (("node", node), ("storescp", storescp)):
-        each = " ".join(f"{run.per_second:.0f}" for run in runs)
-        cpu = statistics.median(1000 * run.receiver_cpu_seconds / run.instances for run in runs)
-        rows.append(f"{name:<10} {median_rate(runs):>9.1f} {each:>24} {cpu:>12.2f}")
-    rows.append(f"ratio node/storescp: {median_rate(node) / median_rate(storescp):.2f}")
-    return "\n".join(rows)
+def _select(runs: list[Run], receiver: str, associations: int) -> list[Run]:
+    return [run for run in runs if run.receiver == receiver and run.associations == associations]
+
+
+def report(runs: list[Run], count: int, conditions: list[str]) -> str:
+    """Markdown: one row per receiver and mode, then the node's ratios to each peer."""
+    receivers = list(dict.fromkeys(run.receiver for run in runs))
+    modes = sorted({run.associations for run in runs})
+    repeats = max(len(_select(runs, receivers[0], mode)) for mode in modes)
+    lines = [
+        (
+            f"{count} instances of ~525 KB (512x512 16-bit CR), {repeats} run(s) per receiver and mode, medians; "
+            f"storescu with TCP_NODELAY=1; {datetime.now(UTC):%Y-%m-%d %H:%M} UTC."
+        ),
+        "",
+        *(f"- {line}" for line in conditions),
+        "",
+        "| receiver | associations | instances/s | each run | CPU ms per instance |",
+        "| --- | ---: | ---: | --- | ---: |",
+    ]
+    for mode in modes:
+        for receiver in receivers:
+            chosen = _select(runs, receiver, mode)
+            if chosen:
+                cpu = statistics.median(run.cpu_ms_per_instance for run in chosen)
+                each = ", ".join(f"{run.per_second:.0f}" for run in chosen)
+                lines.append(f"| {receiver} | {mode} | {median_rate(chosen):.1f} | {each} | {cpu:.2f} |")
+    lines += ["", "| ratio (instances/s) | " + " | ".join(f"{mode} assoc." for mode in modes) + " |",
+              "| --- |" + " ---: |" * len(modes)]  # fmt: skip
+    for node in (NODE_SQLITE, NODE_POSTGRES):
+        for peer in ("Orthanc", "storescp"):
+            cells = [_ratio(runs, node, peer, mode) for mode in modes]
+            if any(cells):
+                lines.append(f"| {node} / {peer} | " + " | ".join(cell or "-" for cell in cells) + " |")
+    return "\n".join(lines)
+
+
+def _ratio(runs: list[Run], node: str, peer: str, associations: int) -> str | None:
+    mine, theirs = _select(runs, node, associations), _select(runs, peer, associations)
+    return f"{median_rate(mine) / median_rate(theirs):.2f}" if mine and theirs else None
+
+
+def write_markdown(path: Path, table: str) -> None:
+    """Replace the results block of ``path`` (between the begin/end markers) with ``table``."""
+    text = path.read_text()
+    if DOC_BEGIN not in text or DOC_END not in text:
+        raise ValueError(f"{path} has no {DOC_BEGIN} ... {DOC_END} block to replace")
+    head, rest = text.split(DOC_BEGIN, 1)
+    _, tail = rest.split(DOC_END, 1)
+    path.write_text(f"{head}{DOC_BEGIN}\n{table}\n{DOC_END}{tail}")
 
 
 def flush_ms(folder: Path, samples: int = 40) -> float:
@@ -269,13 +270,19 @@ def flush_ms(folder: Path, samples: int = 40) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.ingest",
-        description="Time C-STORE ingest into the node and into dcmtk storescp from one storescu association.",
+        description="Time C-STORE ingest into the node (SQLite and PostgreSQL audit DB), Orthanc and dcmtk "
+        "storescp from dcmtk storescu, over 1 and 8 concurrent associations.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="100 instances, 1 repeat")
     parser.add_argument("--count", type=int, default=500, help="instances per run")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per receiver (median reported)")
-    parser.add_argument("--only", choices=("node", "storescp"), default=None, help="benchmark one receiver")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per receiver and mode (median reported)")
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, CONCURRENT],
+                        help="modes: concurrent associations per run")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=("node", "postgres", "orthanc", "storescp"), default=None,
+                        help="benchmark these receivers only")  # fmt: skip
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="write the results table into this file's bench-ingest results block")  # fmt: skip
     parser.add_argument(
         "--data-root",
         type=Path,
@@ -289,31 +296,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     count, repeats = (100, 1) if args.quick else (args.count, args.repeats)
-    if count < 1 or repeats < 1:
-        print("--count and --repeats must be at least 1", file=sys.stderr)
+    if count < 1 or repeats < 1 or min(args.associations) < 1 or count < max(args.associations):
+        print(
+            "--count, --repeats and --associations must be at least 1 (and count >= associations)",
+            file=sys.stderr,
+        )
         return 2
     try:  # dcmtk's, not pynetdicom's same-named apps in the venv
         tools = [dcmtk_tool(tool) for tool in ("storescu", "storescp")]
     except DcmtkNotFound as error:
         print(error, file=sys.stderr)
         return 2
+    wanted = set(args.only or ("node", "postgres", "orthanc", "storescp"))
+    if "orthanc" in wanted and not orthanc_installed():
+        print("Orthanc not found: apt-get install orthanc (or leave it out with --only)", file=sys.stderr)
+        return 2
     print("dcmtk: " + ", ".join(tools), file=sys.stderr)
     with (
         tempfile.TemporaryDirectory(prefix="gvr-bench-src-") as source_dir,
         tempfile.TemporaryDirectory(prefix="gvr-bench-", dir=args.data_root) as work_dir,
     ):
+        postgres = postgres_receiver() if "postgres" in wanted else None
+        if "postgres" in wanted and postgres is None:
+            print("PostgreSQL not found on 127.0.0.1:5432: the node runs with SQLite only", file=sys.stderr)
+        receivers: list[Receiver] = [
+            receiver
+            for key, receiver in (("node", NodeReceiver(NODE_SQLITE)), ("postgres", postgres),
+                                  ("orthanc", OrthancReceiver()), ("storescp", StorescpReceiver()))
+            if key in wanted and receiver is not None
+        ]  # fmt: skip
         source, root = Path(source_dir), Path(work_dir)
         started = time.perf_counter()
-        write_instances(source, count)
+        files = write_instances(source, count)
         print(f"wrote {count} instances in {time.perf_counter() - started:.1f} s")
-        print(_conditions(root))
-        node_runs, storescp_runs = _run_all(source, count, repeats, root, args.only)
-        print(_conditions(root))
-    if node_runs and storescp_runs:
-        print(report(node_runs, storescp_runs, count))
-    for name, runs in (("node", node_runs), ("storescp", storescp_runs)):
-        if runs and not (node_runs and storescp_runs):
-            print(f"{name}: median {median_rate(runs):.1f} instances/s over {len(runs)} run(s)")
+        conditions = [f"before: {_conditions(root)}"]
+        print(conditions[0])
+        runs = run_all(files, receivers, sorted(set(args.associations)), repeats, root)
+        conditions.append(f"after: {_conditions(root)}")
+        print(conditions[1])
+    table = report(runs, count, conditions)
+    print(table)
+    if args.markdown is not None:
+        write_markdown(args.markdown, table)
+        print(f"results written into {args.markdown}")
     return 0
 
 
@@ -322,30 +347,9 @@ def _conditions(root: Path) -> str:
     flush = flush_ms(root)
     ceiling = 1000 / (3 * flush) if flush > 0 else float("inf")
     return (
-        f"load average {os.getloadavg()[0]:.2f}; disk flush {flush:.2f} ms "
-        f"(3 per node instance: ceiling ~{ceiling:.0f} instances/s)"
+        f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} CPUs; disk flush {flush:.2f} ms "
+        f"(3 per node instance on one association: ceiling ~{ceiling:.0f} instances/s)"
     )
-
-
-def _run_all(
-    source: Path, count: int, repeats: int, root: Path, only: str | None
-) -> tuple[list[Run], list[Run]]:
-    """Interleave the receivers so a load change on the machine hits both alike."""
-    node_runs: list[Run] = []
-    storescp_runs: list[Run] = []
-    for repeat in range(repeats):
-        for name, bench, runs in (
-            ("node", bench_node, node_runs),
-            ("storescp", bench_storescp, storescp_runs),
-        ):
-            if only not in (None, name):
-                continue
-            work = root / f"{name}-{repeat}"
-            work.mkdir()
-            runs.append(bench(source, count, work))
-            print(f"  {name:<9} run {repeat + 1}: {runs[-1].per_second:6.1f} instances/s", flush=True)
-            shutil.rmtree(work, ignore_errors=True)
-    return node_runs, storescp_runs
 
 
 if __name__ == "__main__":
