@@ -13,6 +13,8 @@ destination that already acknowledged every object is skipped. A destination
 that is down (association refused, dropped, 0xA7xx out of resources) is
 retried with exponential backoff up to a cap; any other refusal, or the last
 retry, marks the job FAILED with the reason and the ``gvr resend`` command.
+An answer the audit DB cannot record (the DB away) stops the association; it is
+recorded as soon as the DB is back, so an acknowledged object is never sent again.
 
 Settings come from ``node.config.load_settings()`` (``GVR_*``) once per
 worker process; the retry policy from the app's ``gvr_delivery`` conf key.
@@ -47,6 +49,9 @@ log = logging.getLogger(__name__)
 DELIVERY_CONF_KEY = "gvr_delivery"  # app.conf key: RetryPolicy fields, e.g. {"max_retries": 3}
 _OUT_OF_RESOURCES = 0xA700
 REJECT_PAUSE_S = 2.0  # the audit DB is away: wait this long before giving a message back
+# How long a delivery waits for the audit DB to record an object a PACS has just acknowledged; an
+# acknowledgement that cannot be recorded is sent again later (a PACS keeping every copy stores it twice).
+ACK_RECORD_PATIENCE_S = 120.0
 
 
 class DeliveryError(RuntimeError):
@@ -59,6 +64,14 @@ class DeliveryRefusedError(DeliveryError):
 
 class DestinationUnavailableError(DeliveryError):
     """At least one destination was down or busy: retrying later may succeed."""
+
+
+class _AuditAwayError(Exception):
+    """The audit DB could not record a PACS's answer: stop sending (nothing more could be recorded)."""
+
+    def __init__(self, row: tuple[OutboxEntry, int | None, str | None]) -> None:
+        super().__init__("the audit DB is unreachable")
+        self.row = row
 
 
 @dataclass(frozen=True)
@@ -178,7 +191,10 @@ def _send_to(
             status = "no status" if result.status is None else f"status 0x{result.status:04X}"
             error = result.error or f"C-STORE of {entry.kind} {entry.sop_instance_uid} refused with {status}"
         answered[entry.sop_instance_uid] = (result.status, error)
-        _record(ctx, job_id, str(peer), attempt, [(entry, result.status, error)])
+        try:
+            _record(ctx, job_id, str(peer), attempt, [(entry, result.status, error)])
+        except OperationalError as exc:
+            raise _AuditAwayError((entry, result.status, error)) from exc
 
     files = [FileToSend(outbox_path(ctx.spool, job_id, e), e.sop_class_uid, e.sop_instance_uid,
                         e.transfer_syntax) for e in pending]  # fmt: skip
@@ -186,6 +202,13 @@ def _send_to(
     lost: str | None = None
     try:
         send_files(files, peer, settings.ae_title, timeout=settings.dimse_timeout, on_result=record)
+    except _AuditAwayError as away:
+        _record_patiently(ctx, job_id, str(peer), attempt, away.row)  # raises OperationalError if it never can
+        lost = "sending stopped while the audit DB was unreachable"
+        log.warning("job %s: %s; %d of %d object(s) answered and recorded", job_id, lost, len(answered),
+                    len(pending))  # fmt: skip
+        unanswered = [e for e in pending if e.sop_instance_uid not in answered]
+        _record(ctx, job_id, str(peer), attempt, [(e, None, lost) for e in unanswered])
     except (PeerUnreachableError, OSError) as exc:
         lost = f"{type(exc).__name__}: {exc}"
         unanswered = [e for e in pending if e.sop_instance_uid not in answered]
@@ -198,6 +221,25 @@ def _send_to(
     sent = len(answered) - len(failed)
     first_error = next((error for _, error in failed), None) or lost
     return DestinationOutcome(str(peer), sent, len(pending) - sent, transient=transient, error=first_error)
+
+
+def _record_patiently(
+    ctx: DeliveryContext, job_id: str, destination: str, attempt: int,
+    row: tuple[OutboxEntry, int | None, str | None],
+) -> None:  # fmt: skip
+    """Record one answer once the audit DB is back (up to ``ACK_RECORD_PATIENCE_S``): an acknowledgement
+    that is not recorded would be sent again, and a PACS that keeps every copy would store it twice."""
+    deadline = time.monotonic() + ACK_RECORD_PATIENCE_S
+    while True:
+        try:
+            _record(ctx, job_id, destination, attempt, [row])
+            return
+        except OperationalError:
+            if time.monotonic() >= deadline:
+                log.error("job %s: %s's answer for %s could not be recorded: it will be sent again", job_id,
+                          destination, row[0].sop_instance_uid)  # fmt: skip
+                raise
+            time.sleep(1.0)
 
 
 def _record(
@@ -408,7 +450,7 @@ def run_delivery(ctx: DeliveryContext, job_id: str, policy: RetryPolicy) -> str:
 def _retry_or_fail(ctx: DeliveryContext, job_id: str, policy: RetryPolicy, reason: str) -> str:
     with ctx.audit.session() as session:
         job = session.get(Job, job_id)
-        if job is None or job.state is not JobState.INFERRED:
+        if job is None or job.state is not JobState.INFERRED or job.worker != ctx.actor:
             return "lease lost"
         if job.retries < policy.max_retries:
             schedule_retry(session, job, ctx.actor, reason, policy.delay(job.retries), "delivery.retry")

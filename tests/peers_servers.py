@@ -145,11 +145,19 @@ class PrivatePostgres:
         self._run(
             "initdb", "-D", str(self.datadir), "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"
         )
+        self.resume()
+        return PostgresServer(LOOPBACK, self.port, "postgres", "postgres")
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (``resume`` starts it again): the audit DB going away for real."""
+        self._run("pg_ctl", "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+
+    def resume(self) -> None:
+        """Start the server on its port with the data it has (after ``start`` made the cluster)."""
         options = f"-p {self.port} -k {self.datadir} -c listen_addresses={LOOPBACK} -c fsync=off"
         self._run("pg_ctl", "-D", str(self.datadir), "-l", str(self.datadir / "server.log"), "-o", options,
                   "-w", "-t", "60", "start")  # fmt: skip
         wait_for_port(LOOPBACK, self.port, timeout=30)
-        return PostgresServer(LOOPBACK, self.port, "postgres", "postgres")
 
     def stop(self) -> None:
         try:
