@@ -154,6 +154,10 @@ class Pipeline:
         self.study_uids: list[str] = []
         self._starts: Counter[str] = Counter()
 
+    @property
+    def spool_tmp(self) -> Path:
+        return self.tmp / "data" / "spool" / "tmp"
+
     # -- processes ---------------------------------------------------------------------
 
     def start(self, name: str) -> ManagedProcess:
@@ -227,13 +231,13 @@ class Supervisor(threading.Thread):
         self.pipeline, self.names = pipeline, names
         self.exits: list[tuple[str, int | None]] = []
         self.error: str | None = None
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.5):
+        while not self._done.wait(0.5):
             for name in self.names:
                 process = self.pipeline.processes[name]
-                if process.alive() or self._stop.is_set():
+                if process.alive() or self._done.is_set():
                     continue
                 assert process.popen is not None
                 self.exits.append((name, process.popen.returncode))
@@ -243,8 +247,9 @@ class Supervisor(threading.Thread):
                     self.error = repr(error)
 
     def stop(self) -> None:
-        self._stop.set()
-        self.join(30)
+        self._done.set()
+        if self.is_alive():
+            self.join(30)
 
 
 def now() -> datetime:

@@ -187,6 +187,12 @@ class RestartableRedis:
             self.process.terminate()  # SIGTERM: Redis flushes the append-only file and exits
             self.process.wait(20)
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash does: no shutdown; what survives is what the append-only file holds."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(20)
+
     def restart(self) -> float:
         """Stop and start on the same port; returns the seconds it was unreachable."""
         began = time.monotonic()

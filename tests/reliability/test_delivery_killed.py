@@ -7,17 +7,20 @@ lease expires, the node's reconciler publishes it again, and the new delivery
 sends only what the PACS has not acknowledged: no acknowledged object is stored
 twice. The one request in flight at the kill (sent, its answer never read) may
 be stored by the PACS and sent again: C-STORE cannot ask whether it arrived.
+Before the kill the node is restarted (SIGKILL) while the worker delivers: the
+worker's temporary files, in its own ``spool/tmp`` folder, survive the node's start.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from sqlalchemy import select
 
 from node.audit.models import Job, JobState
 from tests.reliability.fault_pipeline import KeepEveryCopyPACS, Pipeline, now
-from tests.reliability.harness import RestartableRedis, wait_until
+from tests.reliability.harness import RestartableRedis, _children, wait_until
 
 ACKNOWLEDGED_BEFORE_KILL = 2
 
@@ -37,6 +40,20 @@ def test_delivery_killed_mid_association_repeats_no_acknowledged_object(
                 job_id = session.scalar(select(Job.id).where(Job.state == JobState.INFERRED))
             return job_id if job_id and len(pipeline.delivered(job_id)) >= ACKNOWLEDGED_BEFORE_KILL else None
 
+        def building_in() -> Path | None:  # the delivering pool process's own tmp folder (node.spool)
+            with pipeline.audit.session() as session:
+                if session.scalar(select(Job.id).where(Job.state == JobState.INFERRED, Job.worker.is_not(None))):
+                    folders = [pipeline.spool_tmp / f"worker-{socket.gethostname()}-{pid}"
+                               for pid in _children(pipeline.processes["dicom"].pid)]  # fmt: skip
+                    return next((folder for folder in folders if folder.is_dir()), None)
+            return None
+
+        # issue 10 (spool ownership): the node restarted while the worker builds and sends keeps its files
+        partial = wait_until(building_in, 120, "a delivery under way", interval=0.05) / "result.part"
+        partial.write_bytes(b"half a result object")
+        pipeline.processes["node"].kill()
+        pipeline.start("node")
+        assert partial.read_bytes() == b"half a result object", "the node's start-up removed a live worker's file"
         job_id = wait_until(delivering, 120, "a delivery with 2 objects acknowledged", interval=0.05)
         pipeline.processes["dicom"].kill()
         acknowledged_at_kill = pipeline.delivered(job_id)
