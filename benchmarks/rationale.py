@@ -12,6 +12,8 @@ Subcommands:
 
 * ``quality``: held-out phantoms (``--seeds``, default 900000-900199);
 * ``sweep``: GVR at each of ``--lambdas`` on ``--validation-seeds`` (800000-800099), picks the default;
+  with ``--configs "target=0.05;proximity_weight=0.5,weight=10;..."`` it sweeps whole configurations
+  instead (``benchmarks.rationale_sweep``), with the oracle latent as a reference row;
 * ``mnist``: the digits experiment (9 -> 4, deletion AUC);
 * ``speed``: seconds per rationale at batch 1 and 16 and the ratio to the floor;
 * ``report``: rewrite the generated block of ``--docs`` from the JSON in ``--out``;
@@ -75,14 +77,29 @@ def run_quality(bundle: Bundle, seeds: range, config: RationaleConfig, out: Path
 
 def run_sweep(bundle: Bundle, seeds: range, lambdas: list[float], config: RationaleConfig,
               out: Path) -> dict[str, Any]:
-    from benchmarks.rationale_quality import sweep
+    """The lambda sweep (``all`` runs it): one configuration per lambda."""
     from benchmarks.rationale_report import sweep_markdown
+    from benchmarks.rationale_sweep import sweep
 
-    report = sweep(bundle, seeds, lambdas, config)
+    report = sweep(bundle, seeds, [{"weight": weight} for weight in lambdas], config)
     (out / "rationale_sweep.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = sweep_markdown(report)
     (out / "rationale_sweep.md").write_text(markdown + "\n")
     print(f"\n## Lambda sweep\n\n{markdown}")
+    return report
+
+
+def run_config_sweep(bundle: Bundle, seeds: range, configs: list[dict[str, Any]], config: RationaleConfig,
+                     out: Path) -> dict[str, Any]:
+    """Whole configurations (``sweep --configs``), with the oracle latent as a reference row."""
+    from benchmarks.rationale_report import config_sweep_markdown
+    from benchmarks.rationale_sweep import sweep
+
+    report = sweep(bundle, seeds, configs, config, oracle=True)
+    (out / "rationale_config_sweep.json").write_text(json.dumps(report, indent=2) + "\n")
+    markdown = config_sweep_markdown(report)
+    (out / "rationale_config_sweep.md").write_text(markdown + "\n")
+    print(f"\n## Configuration sweep\n\n{markdown}")
     return report
 
 
@@ -93,6 +110,15 @@ def run_speed(bundle: Bundle, config: RationaleConfig, out: Path, repeats: int) 
     (out / "rationale_speed.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\n## Speed ({torch.get_num_threads()} threads, {bundle.manifest.resolution} px)\n\n{speed_table(rows)}")
     return rows
+
+
+def _configs(text: str) -> list[dict[str, Any]]:
+    from benchmarks.rationale_sweep import parse_configs
+
+    try:
+        return parse_configs(text)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validation-seeds", type=parse_seeds, default=VALIDATION_SEEDS,
                         help="phantoms for the lambda sweep, never the test seeds (default 800000-800099)")
     parser.add_argument("--lambdas", default=DEFAULT_LAMBDAS, help=f"sweep values (default {DEFAULT_LAMBDAS})")
+    parser.add_argument("--configs", type=_configs, default=None,
+                        help="sweep: configurations instead of lambdas, ';' between them, each NAME=VALUE,... "
+                             "changes from RationaleConfig's defaults (e.g. 'default;target=0.05;prior_weight=1,"
+                             "weight=30'); writes rationale_config_sweep.json")
     parser.add_argument("--weight", type=float, default=None, help="GVR lambda (default: RationaleConfig's)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-rationale"), help="JSON, tables, figures")
     parser.add_argument("--docs", type=Path, default=None,
@@ -133,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     config = RationaleConfig() if args.weight is None else RationaleConfig(weight=args.weight)
     if bundle is not None and args.which in ("quality", "all"):
         run_quality(bundle, seeds, config, args.out)
-    if bundle is not None and args.which in ("sweep", "all"):
+    if bundle is not None and args.which == "sweep" and args.configs is not None:
+        run_config_sweep(bundle, validation, args.configs, config, args.out)
+    elif bundle is not None and args.which in ("sweep", "all"):
         run_sweep(bundle, validation, lambdas, config, args.out)
     if bundle is not None and args.which in ("speed", "all"):
         run_speed(bundle, config, args.out, repeats=1 if args.quick else 3)

@@ -13,12 +13,8 @@ IntegratedGradients, Occlusion, LayerGradCam), the templates above, a random
 map (chance), the exact ``x - twin`` (the ceiling), and the paper's control, GVR
 through the deliberately overfitted classifier on the same images.
 
-The lambda sweep runs GVR alone at several ``weight`` values on *validation*
-seeds (never the test seeds) and picks the default there: among the lambdas
-whose validity is at least 95%, the best median fidelity + mean closer-to-twin.
-Both are 1 for the exact answer; fidelity is blind to the size of the change
-(a correlation), closer-to-twin is not (too little or too much change both
-lose), so the sum rewards the right place *and* the right amount.
+The sweeps of lambda and of the other settings (``benchmarks.rationale_sweep``)
+run GVR alone on *validation* seeds, never the test seeds.
 """
 
 from __future__ import annotations
@@ -188,31 +184,3 @@ def quality(bundle: Bundle, seeds: range, config: RationaleConfig,
               "rows": score(results, positives, threshold)}
     return report, positives, results
 
-
-def _sweep_score(row: dict[str, Any]) -> float:
-    metrics = row["metrics"]
-    return float(metrics["fidelity"]["value"] + np.nan_to_num(metrics["closer_to_twin"]["value"], nan=-1.0))
-
-
-def sweep(bundle: Bundle, seeds: range, lambdas: list[float], config: RationaleConfig) -> dict[str, Any]:
-    """GVR at each lambda on validation phantoms: validity, proximity, fidelity, closer to twin, steps."""
-    data = load_phantoms(seeds, bundle.manifest.resolution)
-    positives, _ = classifier_positives(bundle, data)
-    threshold = bundle.manifest.decision_threshold
-    partner = partners(positives)
-    rows: list[dict[str, Any]] = []
-    for weight in lambdas:
-        result = run_gvr(bundle, positives.images, replace(config, weight=weight))
-        assert result.steps is not None
-        values = per_image(result.maps, positives, partner, result.counterfactual, result.p_star, threshold)
-        keep = ("fidelity", "fidelity_organs", "closer_to_twin", "validity", "proximity", "specificity")
-        rows.append({"lambda": weight, "n": len(positives), "mean_steps": float(result.steps.mean()),
-                     "seconds_per_image": result.seconds_per_image,
-                     "metrics": summarise({k: values[k] for k in keep})})
-        logger.info("lambda %g: %s", weight, {k: round(v["value"], 3) for k, v in rows[-1]["metrics"].items()})
-    valid = [r for r in rows if r["metrics"]["validity"]["value"] >= MIN_VALIDITY]
-    chosen = max(valid, key=_sweep_score)["lambda"] if valid else None
-    return {"bundle": f"{bundle.manifest.name} {bundle.manifest.version}", "seeds": f"{seeds.start}-{seeds.stop - 1}",
-            "held_out": len(data), "positives_with_sign": len(positives), "config": repr(config),
-            "rule": f"best median fidelity + mean closer-to-twin among lambdas with validity >= {MIN_VALIDITY:.0%}",
-            "chosen_lambda": chosen, "rows": rows}

@@ -18,6 +18,8 @@ from training.phantoms import SIGNS
 
 BEGIN, END = "<!-- bench-rationale:begin (generated: python -m benchmarks.rationale report) -->", \
     "<!-- bench-rationale:end -->"
+CONFIG_BEGIN, CONFIG_END = ("<!-- bench-rationale-configs:begin (generated: python -m benchmarks.rationale sweep "
+                            "--configs ...) -->"), "<!-- bench-rationale-configs:end -->"
 SHORT = {"cardiomegaly": "cardiomegaly", "effusion": "effusion", "venous_diversion": "venous div.",
          "edema": "edema / Kerley"}
 
@@ -75,6 +77,37 @@ def sweep_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def config_sweep_table(report: dict[str, Any]) -> str:
+    """One row per configuration (changes from the defaults), then the oracle latent; a check where every
+    target a configuration can move is met."""
+    lines = [("| configuration (changes from the defaults) | closer to twin (mean) | fidelity (median) | "
+              "specificity | own-mask advantage | effusion pointing | validity | proximity | mean steps | "
+              "s / image | all targets |"), "| --- |" + " ---: |" * 9 + " :---: |"]
+    rows = list(report["rows"]) + ([report["oracle"]] if report.get("oracle") else [])
+    for r in rows:
+        m = r["metrics"]
+        mark = " (chosen)" if r["label"] == report.get("chosen") else ""
+        meets = r.get("meets")
+        verdict = "" if meets is None else ("yes" if all(meets.values()) else
+                                            "no: " + ", ".join(k.replace("_", " ") for k, ok in meets.items()
+                                                               if not ok))
+        steps = "" if not np.isfinite(r["mean_steps"]) else f"{r['mean_steps']:.1f}"
+        seconds = "" if not np.isfinite(r["seconds_per_image"]) else f"{r['seconds_per_image']:.2f}"
+        lines.append(f"| {r['label']}{mark} | {cell(m['closer_to_twin'])} | {cell(m['fidelity'])} | "
+                     f"{cell(m['specificity'])} | {cell(m['own_mask_advantage'], 3)} | "
+                     f"{cell(m['pointing_effusion'])} | {cell(m['validity'], percent=True)} | "
+                     f"{cell(m['proximity'], 4)} | {steps} | {seconds} | {verdict} |")
+    return "\n".join(lines)
+
+
+def config_sweep_markdown(report: dict[str, Any]) -> str:
+    meeting = ", ".join(report["meeting_every_target"]) or "none"
+    return (f"{report['bundle']}, validation seeds {report['seeds']} ({report['positives_with_sign']} positives "
+            f"with a sign), {report['threads']} torch thread(s), batch 16. Rule: {report['rule']}; best: "
+            f"**{report['chosen']}**. Meeting every target a configuration can move: {meeting}.\n\n"
+            f"{config_sweep_table(report)}")
+
+
 def quality_markdown(report: dict[str, Any]) -> str:
     head = (f"{report['bundle']} ({report['resolution']} px), seeds {report['seeds']}: {report['held_out']} "
             f"held-out phantoms, {report['with_sign']} with a sign, {report['positives_with_sign']} of those called "
@@ -101,12 +134,12 @@ def docs_block(quality: dict[str, Any] | None, sweep: dict[str, Any] | None, spe
     return "\n\n".join(parts)
 
 
-def write_docs(doc: Path, block: str) -> None:
-    """Replace the marked block of ``doc`` (append it when the markers are missing)."""
+def write_docs(doc: Path, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the block of ``doc`` between ``begin`` and ``end`` (append it when the markers are missing)."""
     text = doc.read_text() if doc.exists() else ""
-    if BEGIN in text and END in text:
-        before, rest = text.split(BEGIN, 1)
-        after = rest.split(END, 1)[1]
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
         text = before + block + after
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
@@ -126,6 +159,10 @@ def report_from(out: Path, doc: Path) -> None:
 
         speed_md = f"{speed[0]['resolution']} px, {speed[0]['threads']} thread(s).\n\n{speed_table(speed)}"
     write_docs(doc, docs_block(load("rationale_quality.json"), load("rationale_sweep.json"), speed_md))
+    configs = load("rationale_config_sweep.json")
+    if configs:  # its own block: the configuration sweep is not part of every benchmark run
+        write_docs(doc, "\n\n".join([CONFIG_BEGIN, config_sweep_markdown(configs), CONFIG_END]),
+                   CONFIG_BEGIN, CONFIG_END)
 
 
 def figure(data_x: np.ndarray, difference: np.ndarray, maps: dict[str, np.ndarray], path: Path) -> None:
