@@ -1,7 +1,9 @@
 """The node's calling side: C-ECHO and C-STORE to a peer (PACS, another node, a test SCP).
 
 One presentation context per (SOP class, transfer syntax) found in the files, so
-nothing is ever transcoded; TCP_NODELAY on every socket we open.
+nothing is ever transcoded; TCP_NODELAY on every socket we open. Every association
+gets a ``node.reactor_gate.ReactorGate``, held before each request, so pynetdicom's
+reactor thread can never take a C-STORE response meant for ``send_c_store``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.association_failure import describe_connect, describe_failure
 from node.config import Peer
+from node.reactor_gate import hold_reactor, install
 from node.scp import set_nodelay
 
 log = logging.getLogger(__name__)
@@ -75,10 +78,11 @@ def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float =
         raise PeerUnreachableError(describe_failure(assoc, peer, calling_ae, timeout, time.monotonic() - started))
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         set_nodelay(assoc.dul.socket.socket)
+    install(assoc)
     try:
         yield assoc
     finally:
-        if assoc.is_established:
+        if assoc.is_established and hold_reactor(assoc):
             assoc.release()
         else:
             assoc.abort()
@@ -87,6 +91,8 @@ def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float =
 def echo(peer: Peer, calling_ae: str, timeout: float = 10.0) -> int:
     """C-ECHO; returns the status (0 is success). Raises PeerUnreachableError."""
     with associate(peer, calling_ae, [build_context(Verification)], timeout) as assoc:
+        if not hold_reactor(assoc):
+            raise PeerUnreachableError(f"{peer} ended the association before the C-ECHO")
         response = assoc.send_c_echo()
     if "Status" not in response:
         raise PeerUnreachableError(f"{peer} sent no C-ECHO response")
@@ -119,6 +125,8 @@ def send_files(
 
 
 def _store_one(assoc: Association, item: FileToSend) -> SendResult:
+    if not hold_reactor(assoc):  # the reactor ended: so did the association
+        return SendResult(item.path, None, "the association ended before this C-STORE")
     try:
         response = assoc.send_c_store(item.path)
     except (ValueError, OSError) as error:
