@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale bench-web bench-delivery clean
+.PHONY: demo test lint install system-deps bench-ingest bench-e2e bench-rationale bench-web bench-delivery bench-faults clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -57,6 +57,11 @@ bench-delivery: $(STAMP) system-deps
 ## Review page (gvr web): server time per page with 10,000 jobs in a private SQLite audit DB.
 bench-web: $(STAMP)
 	$(BIN)/python -m benchmarks.web
+
+## Fault scenarios of issue 10 with default settings: PostgreSQL down 20 s with a backlog, Redis SIGKILLed
+## mid-pipeline, the delivery worker SIGKILLed mid-association; recovery seconds in the summary (docs/reliability.md).
+bench-faults: $(STAMP) system-deps
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/reliability/bench_faults.py tests/reliability/test_delivery_killed.py
 
 clean:
 	rm -rf $(VENV) gvr-data .pytest_cache
