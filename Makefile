@@ -61,7 +61,8 @@ bench-web: $(STAMP)
 ## Fault scenarios of issue 10 with default settings: PostgreSQL down 20 s with a backlog, Redis SIGKILLed
 ## mid-pipeline, the delivery worker SIGKILLed mid-association; recovery seconds in the summary (docs/reliability.md).
 bench-faults: $(STAMP) system-deps
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/reliability/bench_faults.py tests/reliability/test_delivery_killed.py
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests/reliability/bench_faults.py tests/reliability/test_redis_killed.py \
+		tests/reliability/test_delivery_killed.py
 
 clean:
 	rm -rf $(VENV) gvr-data .pytest_cache
