@@ -293,8 +293,8 @@ def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | N
     audit = AuditDB(settings.audit_url)
     job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
     assert job.state is JobState.INFERRED, job.error
-    assert job.worker is not None and job.worker.endswith(":worker")
-    assert (int(job.worker.split(":")[1]) == process.pid) == (pool == "solo")
+    assert job.worker is not None and job.worker.startswith("gvr-worker-")  # <Celery node name>:<pid>, as Flower
+    assert (int(job.worker.rsplit(":", 1)[1]) == process.pid) == (pool == "solo")
     assert read_job_result(settings.spool_dir / "results", job_id).images[0].steps >= 0
     assert _events(audit, job_id) == ["job.running", "job.inferred"]
     assert _wait_for_deliveries(worker_settings.celery_broker_url, 1) == 1
@@ -313,7 +313,7 @@ def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings,
     enqueue_analysis(make_celery(worker_settings), job_id)
     audit = AuditDB(settings.audit_url)
     running = _wait_for_state(audit, job_id, {JobState.RUNNING})
-    assert running.worker is not None and int(running.worker.split(":")[1]) == first.pid
+    assert running.worker is not None and int(running.worker.rsplit(":", 1)[1]) == first.pid
     os.kill(first.pid, signal.SIGKILL)
     first.wait(10)
     worker(env, *extra)
