@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -111,7 +112,30 @@ def main(argv: list[str] | None = None) -> int:
     app = make_worker_app(settings, args.visibility_timeout, rationale, modules)
     log.info("worker %s: queues %s, pool %s x%d, device %s, tasks from %s", args.hostname, ",".join(queues),
              args.pool, args.concurrency, settings.device, ", ".join(modules))
-    app.worker_main(["worker", "--queues", ",".join(queues), "--pool", args.pool, "--concurrency",
-                     str(args.concurrency), "--hostname", args.hostname,
-                     "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-gossip", "--without-mingle"])
-    return 0
+    return run_worker(app, ["worker", "--queues", ",".join(queues), "--pool", args.pool, "--concurrency",
+                            str(args.concurrency), "--hostname", args.hostname,
+                            "--loglevel", "DEBUG" if args.verbose else "INFO", "--without-gossip",
+                            "--without-mingle"])  # fmt: skip
+
+
+def run_worker(app: Any, argv: list[str]) -> int:
+    """Run Celery's worker and return its exit status.
+
+    ``Celery.worker_main`` drops it: a worker that stopped on an "Unrecoverable error"
+    (say, after a broker restart) ended ``gvr worker`` with status 0, so nothing showed
+    it had failed. The status is the worker's own (``WorkController.exitcode``), read
+    from the ``worker_shutdown`` signal.
+    """
+    from celery.signals import worker_shutdown
+
+    codes: list[int] = []
+
+    def remember(sender: Any = None, **_: Any) -> None:
+        codes.append(int(getattr(sender, "exitcode", None) or 0))
+
+    worker_shutdown.connect(remember, weak=False)
+    try:
+        app.worker_main(argv)
+    finally:
+        worker_shutdown.disconnect(remember)
+    return max(codes, default=0)
