@@ -149,7 +149,9 @@ class Assembler:
         """Put committed-but-unsent jobs on the broker (after a crash or a broker outage)."""
         with self.audit.session() as session:
             job_ids = session.scalars(
-                select(Job.id).where(Job.state == JobState.QUEUED, Job.enqueued_at.is_(None)).order_by(Job.created_at)
+                select(Job.id).where(Job.state == JobState.QUEUED, Job.enqueued_at.is_(None),
+                                     Job.next_attempt_at.is_(None))  # a scheduled retry: the reconciler's, when due
+                .order_by(Job.created_at)
             ).all()
         sent = 0
         for job_id in job_ids:
