@@ -175,7 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         mnist_experiment(args.out, quick=args.quick)
     if args.which == "report" and args.docs is None:
         args.docs = Path("docs/rationale.md")
-    if args.docs is not None:
+    if args.docs is not None and args.which == "sweep" and args.configs is not None:
+        from benchmarks.rationale_report import config_block_from
+
+        config_block_from(args.out, args.docs)  # only its own block: the other tables were not measured
+    elif args.docs is not None:
         from benchmarks.rationale_report import report_from
 
         report_from(args.out, args.docs)

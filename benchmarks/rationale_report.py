@@ -86,7 +86,7 @@ def config_sweep_table(report: dict[str, Any]) -> str:
     rows = list(report["rows"]) + ([report["oracle"]] if report.get("oracle") else [])
     for r in rows:
         m = r["metrics"]
-        mark = " (chosen)" if r["label"] == report.get("chosen") else ""
+        mark = " (best by the rule)" if r["label"] == report.get("chosen") else ""
         meets = r.get("meets")
         verdict = "" if meets is None else ("yes" if all(meets.values()) else
                                             "no: " + ", ".join(k.replace("_", " ") for k, ok in meets.items()
@@ -159,10 +159,18 @@ def report_from(out: Path, doc: Path) -> None:
 
         speed_md = f"{speed[0]['resolution']} px, {speed[0]['threads']} thread(s).\n\n{speed_table(speed)}"
     write_docs(doc, docs_block(load("rationale_quality.json"), load("rationale_sweep.json"), speed_md))
-    configs = load("rationale_config_sweep.json")
-    if configs:  # its own block: the configuration sweep is not part of every benchmark run
-        write_docs(doc, "\n\n".join([CONFIG_BEGIN, config_sweep_markdown(configs), CONFIG_END]),
-                   CONFIG_BEGIN, CONFIG_END)
+    config_block_from(out, doc)
+
+
+def config_block_from(out: Path, doc: Path) -> None:
+    """Rewrite the configuration sweep's own block from ``out``'s JSON, if there is one; nothing else.
+
+    Its own block: the configuration sweep is not part of every benchmark run.
+    """
+    path = out / "rationale_config_sweep.json"
+    if path.exists():
+        block = config_sweep_markdown(json.loads(path.read_text()))
+        write_docs(doc, f"{CONFIG_BEGIN}\n\n{block}\n\n{CONFIG_END}", CONFIG_BEGIN, CONFIG_END)
 
 
 def figure(data_x: np.ndarray, difference: np.ndarray, maps: dict[str, np.ndarray], path: Path) -> None:

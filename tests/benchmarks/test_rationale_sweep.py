@@ -58,5 +58,5 @@ def test_targets_and_the_config_block(tmp_path: Path) -> None:
     report_from(tmp_path, doc)
     text = doc.read_text()
     assert "OLD TABLE" not in text and text.count(CONFIG_BEGIN) == 1 and text.count(CONFIG_END) == 1
-    assert "| weight=50 (chosen) | 0.45 [0.45, 0.45] |" in text and "| yes |" in text and "no: seconds" in text
+    assert "| weight=50 (best by the rule) | 0.45 [0.45, 0.45] |" in text and "| yes |" in text and "no: seconds" in text
     assert f"| {ORACLE} | 0.60 [0.60, 0.60] |" in text and text.index("after") < text.index(BEGIN)
