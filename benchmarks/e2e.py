@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=600.0)
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="studies sent and awaited first, not counted: the workers' first job loads the "
+                        "bundle and imports (a cold start is not a study's turnaround)")
     parser.add_argument(
         "--dicom-threads", type=int, default=1, help="delivery worker threads (the inference worker stays one)"
     )
@@ -35,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gvr-bench-e2e-") as tmp:
         folder = Path(tmp)
         studies = make_studies(folder / "studies", args.studies, first_seed=9_500_000)
+        warmup = make_studies(folder / "warmup", args.warmup, first_seed=9_400_000) if args.warmup else []
         dicom = "dicom" if args.dicom_threads == 1 else f"dicom --pool threads --concurrency {args.dicom_threads}"
         with demo_environment(folder, ["gpu", dicom]) as demo:
             if not demo.workers:
                 print("inference is not installed: nothing to measure")
                 return 1
-            print(f"PACS: {demo.pacs.name}; sending {len(studies)} studies back to back ...")
+            for study in warmup:
+                send_study(study, demo.node_peer)
+                wait_for_reports(demo.pacs, [study], args.timeout)
+            print(f"PACS: {demo.pacs.name}; {len(warmup)} warm-up study; sending {len(studies)} studies back to back ...")
             started = time.monotonic()
             for study in studies:
                 send_study(study, demo.node_peer)

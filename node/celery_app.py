@@ -24,6 +24,7 @@ QUEUE_DICOM = "dicom"
 TASK_SOFT_TIME_LIMIT_S = 1500
 TASK_TIME_LIMIT_S = 1800
 REDIS_VISIBILITY_TIMEOUT_S = 3600
+SQL_BROKER_POLL_S = 0.1
 # The redelivery cap (a job that kills every worker) lives with the leases: node.job_lease.
 
 
@@ -39,12 +40,26 @@ def make_celery(settings: Settings, include: tuple[str, ...] = ()) -> Celery:
         Path(broker.removeprefix("sqla+sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     app = Celery("gvr", broker=broker, include=list(include), set_as_current=False)
     app.conf.update(_conf(settings))
+    if broker.startswith("sqla+"):
+        _poll_sql_broker_often()
     if broker.startswith(("redis://", "rediss://")):
         # Redis redelivers an unacknowledged job after this; keep it above the longest job.
         app.conf.broker_transport_options = {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
         # issue 6: workers send task events for Flower (`gvr monitor`); they need Redis's pub/sub
         app.conf.worker_send_task_events = True
     return app
+
+
+def _poll_sql_broker_often() -> None:
+    """The server-less broker is polled, by default once a second: up to a second of waiting per hop
+    (gpu, then dicom) in every study's turnaround. One SELECT every 0.1 s is cheap.
+
+    kombu reads ``polling_interval`` from the transport options, but its SQLAlchemy transport also
+    hands every option to ``create_engine``, which refuses it; the class attribute is the way left.
+    """
+    from kombu.transport import sqlalchemy as sql_transport
+
+    sql_transport.Transport.polling_interval = SQL_BROKER_POLL_S
 
 
 def _conf(settings: Settings) -> dict[str, Any]:
