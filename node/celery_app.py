@@ -81,23 +81,16 @@ def _conf(settings: Settings) -> dict[str, Any]:
     }
 
 
+# A broker that hiccups gets a few quick retries; one that is down raises, and the audit DB keeps
+# the job unpublished for the node's assembler or reconciler to publish later.
+_PUBLISH_RETRY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+
 def enqueue_analysis(app: Celery, job_id: str) -> None:
     """Put one job on the ``gpu`` queue; raises if the broker cannot take it."""
-    app.send_task(
-        TASK_ANALYZE,
-        args=[job_id],
-        queue=QUEUE_GPU,
-        retry=True,
-        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
-    )
+    app.send_task(TASK_ANALYZE, args=[job_id], queue=QUEUE_GPU, retry=True, retry_policy=_PUBLISH_RETRY)
 
 
 def enqueue_delivery(app: Celery, job_id: str) -> None:
     """Put one INFERRED job on the ``dicom`` queue; raises if the broker cannot take it."""
-    app.send_task(
-        TASK_DELIVER,
-        args=[job_id],
-        queue=QUEUE_DICOM,
-        retry=True,
-        retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2},
-    )
+    app.send_task(TASK_DELIVER, args=[job_id], queue=QUEUE_DICOM, retry=True, retry_policy=_PUBLISH_RETRY)
