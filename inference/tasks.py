@@ -49,7 +49,7 @@ from node.config import Settings, load_settings
 from node.job_lease import Claim, Heartbeat, claim_analysis, release, schedule_retry, start_phase
 from node.limits import ResourceLimits
 from node.spool import Spool, process_owner, uid_to_filename
-from node.supervision import describe_error
+from node.supervision import describe_error, withheld
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +343,7 @@ def failure_sentence(what: str, error: BaseException) -> str:
         return f"{what} failed: {error}"
     if isinstance(error, OSError):
         return f"{what} failed: {type(error).__name__}: {error.strerror or error}"
-    return f"{what} failed unexpectedly ({describe_error(error)}; message withheld: it may quote patient data)"
+    return f"{what} failed unexpectedly: {withheld(error)}"
 
 
 class AnalysisTask(Task):  # type: ignore[misc]

@@ -43,7 +43,7 @@ from node.results.build import OutboxEntry, ResultBuildError, outbox_path, prepa
 from node.results.source_header import SourceRepair
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
 from node.spool import Spool, process_owner
-from node.supervision import describe_error
+from node.supervision import withheld
 
 log = logging.getLogger(__name__)
 DELIVERY_CONF_KEY = "gvr_delivery"  # app.conf key: RetryPolicy fields, e.g. {"max_retries": 3}
@@ -319,11 +319,6 @@ def deliver_claimed(ctx: DeliveryContext, job_id: str, destinations: Sequence[Pe
     if any(o.transient for o in outcomes if o.error):
         raise DestinationUnavailableError(f"job {job_id} attempt {attempt}: {failures}")
     raise DeliveryError(f"job {job_id} attempt {attempt}: {failures}")
-
-
-def withheld(error: BaseException) -> str:
-    """The error's type and where it was raised, not its message: library messages quote values (PHI)."""
-    return f"{describe_error(error)} (message withheld: it may quote patient data)"
 
 
 def _note_repairs(ctx: DeliveryContext, job_id: str, repairs: Sequence[SourceRepair]) -> None:

@@ -31,6 +31,11 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}{where}"
 
 
+def withheld(error: BaseException) -> str:
+    """The error's type and where it was raised, not its message: library messages quote values (PHI)."""
+    return f"{describe_error(error)} (message withheld: it may quote patient data)"
+
+
 class SupervisedLoop:
     """Runs ``body`` every ``interval`` seconds in a daemon thread until stopped; survives any Exception."""
 
