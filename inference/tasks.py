@@ -46,7 +46,7 @@ from node.audit.db import AuditDB, actor_name, add_event
 from node.audit.models import Job, JobImage, JobState, utcnow
 from node.celery_app import QUEUE_DICOM, TASK_ANALYZE, TASK_DELIVER, job_id_argument
 from node.config import Settings, load_settings
-from node.job_lease import Claim, Heartbeat, claim_analysis, release, schedule_retry, start_phase
+from node.job_lease import Claim, Heartbeat, claim_analysis, end_failed, schedule_retry, start_phase
 from node.limits import ResourceLimits
 from node.spool import Spool, process_owner, uid_to_filename
 from node.supervision import describe_error, withheld
@@ -204,9 +204,7 @@ def _fail(ctx: WorkerContext | _AuditOnly, job_id: str, reason: str) -> None:
         job = session.get(Job, job_id)
         if job is None or job.state in (JobState.INFERRED, JobState.SENT):
             return
-        job.state, job.error, job.finished_at = JobState.FAILED, message[:4000], utcnow()
-        release(job)
-        add_event(session, "job.failed", ("job", job_id), ctx.actor, message)
+        end_failed(session, job, ctx.actor, message)
     logger.error("job %s failed: %s", job_id, reason)
 
 

@@ -143,13 +143,17 @@ def exhausted_reason(job: Job) -> str:
             f"killed); gvr audit shows the attempts. Run it again with: gvr rerun {job.id}")
 
 
-def fail_exhausted(session: Session, job: Job, actor: str) -> None:
-    """The redelivery cap: a job that killed MAX_WORKER_DEATHS workers ends FAILED instead of looping."""
-    reason = exhausted_reason(job)
+def end_failed(session: Session, job: Job, actor: str, reason: str) -> None:
+    """End the job FAILED with ``reason`` (a sentence a person can act on), held by nobody, with its event."""
     previous = job.state.value
-    job.state, job.error, job.finished_at = JobState.FAILED, reason, utcnow()
+    job.state, job.error, job.finished_at = JobState.FAILED, reason[:4000], utcnow()
     release(job)
     add_event(session, "job.failed", ("job", job.id), actor, reason, {"previous_state": previous})
+
+
+def fail_exhausted(session: Session, job: Job, actor: str) -> None:
+    """The redelivery cap: a job that killed MAX_WORKER_DEATHS workers ends FAILED instead of looping."""
+    end_failed(session, job, actor, exhausted_reason(job))
 
 
 def schedule_retry(session: Session, job: Job, actor: str, reason: str, delay_s: float, kind: str) -> datetime:

@@ -32,7 +32,7 @@ from sqlalchemy import and_, or_, select
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Job, JobState, as_utc, utcnow
 from node.config import Settings
-from node.job_lease import MAX_DELIVERY_DEATHS, MAX_WORKER_DEATHS, deaths, exhausted_reason, release
+from node.job_lease import MAX_DELIVERY_DEATHS, MAX_WORKER_DEATHS, deaths, end_failed, exhausted_reason
 from node.supervision import SupervisedLoop
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,7 @@ class Reconciler:
                 return
             kind, reason = action
             if kind == "fail":
-                job.state, job.error, job.finished_at = JobState.FAILED, reason, now
-                release(job)
-                add_event(session, "job.failed", ("job", job.id), self.actor, reason)
+                end_failed(session, job, self.actor, reason)
                 report.failed.append(job.id)
                 return
             delivery = job.state is JobState.INFERRED
