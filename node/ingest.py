@@ -17,12 +17,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from node.audit.db import AuditDB, add_event
+from node.audit.group_commit import GroupCommit, GroupCommitInterruptedError
 from node.audit.models import Instance, InstanceStatus, Study, StudyState, utcnow
 from node.duplicates import KeptCopy, SopInstanceLocks, conflict_reason, quarantine_path
 from node.errors import InstanceRejectedError, StoreStatus
 from node.inspect_instance import InstanceHeader, read_header
 from node.limits import ResourceLimits
-from node.spool import Spool, SpooledFile, SpoolFullError
+from node.spool import PendingWrite, Spool, SpooledFile, SpoolFullError
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,16 @@ class Ingestor:
         self.actor = actor
         self.limits = limits or ResourceLimits()
         self.locks = SopInstanceLocks()
+        # issue 12: instances arriving on concurrent associations share one audit transaction
+        self.accepted_rows = GroupCommit(audit, write_accepted_rows)
 
     def receive(self, request: StoreRequest) -> IngestResult:
         """Store and audit one instance. Never raises: every failure becomes a status."""
         try:
             check_request(request)
-            header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid, self.limits)
-            status = self._store(request, header)
+            with self.spool.begin(request.data) as pending:  # issue 12: on disk while the header is checked
+                header = read_header(request.data, request.sop_class_uid, request.sop_instance_uid, self.limits)
+                status = self._store(request, header, pending)
         except InstanceRejectedError as rejected:
             return self._refuse(request, rejected.status, rejected.reason)
         except SpoolFullError as error:
@@ -82,10 +86,10 @@ class Ingestor:
         self._audit_rejection(request, status, reason)
         return IngestResult(status)
 
-    def _store(self, request: StoreRequest, header: InstanceHeader) -> StoreStatus:
-        with self.locks.hold(header.sop_instance_uid):  # issue 9: write and commit one copy at a time
+    def _store(self, request: StoreRequest, header: InstanceHeader, pending: PendingWrite) -> StoreStatus:
+        with self.locks.hold(header.sop_instance_uid):  # issue 9: link and commit one copy at a time
             final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
-            spooled = self.spool.store(request.data, final)
+            spooled = pending.publish(final)
             # the common path needs no SELECT: link-if-absent already said whether the file is new
             if not spooled.created:
                 kept = self._kept_copy(header.sop_instance_uid)
@@ -93,18 +97,15 @@ class Ingestor:
                     return self._record_copy(request, header, spooled, kept)
                 # a file without its audit row and no writer in flight (we hold the lock): a crash left it
                 spooled = self.spool.store(request.data, final, replace=True)
-            try:
-                with self.audit.transaction() as connection:  # one commit: the instance row and its study
-                    values = _instance_values(request, header, spooled, InstanceStatus.ACCEPTED)
-                    connection.execute(_INSERT_INSTANCE, values)
-                    _touch_study(connection, header.study_uid)
+            try:  # returns once the row (and its study's) is committed, maybe beside other associations' rows
+                self.accepted_rows.commit(_instance_values(request, header, spooled, InstanceStatus.ACCEPTED))
             except IntegrityError:  # accepted already: in another study, or by another node process
                 kept = self._kept_copy(header.sop_instance_uid)
                 if kept is None or kept.spool_path == str(final):
                     raise
                 final.unlink(missing_ok=True)  # this copy goes to quarantine, never beside the kept one
                 return self._record_copy(request, header, spooled, kept)
-            except SQLAlchemyError as error:
+            except (SQLAlchemyError, GroupCommitInterruptedError) as error:
                 final.unlink(missing_ok=True)  # no audit row, so no acknowledged file
                 log.error("audit write failed, instance refused (0xA700): %s", error)
                 return StoreStatus.OUT_OF_RESOURCES
@@ -239,6 +240,10 @@ _INSERT_INSTANCE = insert(Instance)
 _STUDY_UPSERT = {"postgresql": _study_upsert(postgresql.insert), "sqlite": _study_upsert(sqlite.insert)}
 
 
-def _touch_study(connection: Connection, study_uid: str) -> None:
+def write_accepted_rows(connection: Connection, rows: list[dict[str, object]]) -> None:
+    """One group's ACCEPTED instance rows in one statement, and each of their studies marked receiving once."""
+    connection.execute(_INSERT_INSTANCE, rows)
     statement = _STUDY_UPSERT["postgresql" if connection.dialect.name == "postgresql" else "sqlite"]
-    connection.execute(statement, {"study_uid": study_uid, "state": StudyState.RECEIVING, "now": utcnow()})
+    now = utcnow()
+    for study_uid in sorted({str(row["study_uid"]) for row in rows}):  # sorted: one lock order across writers
+        connection.execute(statement, {"study_uid": study_uid, "state": StudyState.RECEIVING, "now": now})
