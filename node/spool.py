@@ -19,12 +19,14 @@ import re
 import shutil
 import socket
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _MAX_KNOWN_FOLDERS = 10_000
+_WRITERS = 16  # concurrent temporary-file writes: one per association in flight, up to this many
 
 
 class SpoolFullError(OSError):
@@ -70,7 +72,8 @@ class Spool:
         self.results = root / "results"
         self.outbox = root / "outbox"
         self._folders: set[Path] = set()  # study folders known to exist (skips a mkdir per instance)
-        self._hasher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-sha256")
+        # writes run here (os.write and fsync release the GIL) while the caller checks the header
+        self._writer = ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="spool-write")
         for folder in (self.incoming, self.tmp, self.results, self.outbox):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -105,24 +108,19 @@ class Spool:
         Raises ``SpoolFullError`` when the write would leave less than the
         configured free space.
         """
+        with self.begin(data) as pending:
+            return pending.publish(final, replace)
+
+    def begin(self, data: bytes) -> PendingWrite:
+        """Start writing and fsyncing ``data`` to a temporary file on a helper thread; ``publish`` names it.
+
+        issue 12: the SCP checks the header while the bytes go to disk, instead of after.
+        Use as a context manager: a write that is never published is removed.
+        Raises ``SpoolFullError`` when the write would leave less than the configured free space.
+        """
         if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
             raise SpoolFullError(errno.ENOSPC, f"spool {self.root} below its free-space floor")
-        digest = self._hasher.submit(_sha256_hex, data)  # hashed while the write and fsync wait on the disk
-        self._ensure_folder(final.parent)
-        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
-        tmp = Path(tmp_name)
-        try:
-            _write_and_fsync(fd, data)
-            created = self._publish(tmp, final, replace)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise SpoolFullError(errno.ENOSPC, f"spool {self.root} is full") from error
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
-        if created:
-            _fsync_dir(final.parent)
-        return SpooledFile(final, digest.result(), len(data), created)
+        return PendingWrite(self, data, self._writer.submit(_write_temporary, self.tmp, data))
 
     def _ensure_folder(self, folder: Path) -> None:
         """Create a study folder and make its name durable, once per process.
@@ -146,6 +144,53 @@ class Spool:
             self._folders.discard(final.parent)
             self._ensure_folder(final.parent)
             return _link_or_replace(tmp, final, replace)
+
+
+class PendingWrite:
+    """An instance's bytes on their way to a fsynced temporary file; ``publish`` gives them their final name."""
+
+    def __init__(self, spool: Spool, data: bytes, written: Future[Path]) -> None:
+        self.spool = spool
+        self.data = data
+        self.written = written
+        self.published = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if not self.published:  # refused, or failed: the temporary file goes once it exists, without waiting
+            self.written.add_done_callback(_remove_written)
+
+    def publish(self, final: Path, replace: bool = False) -> SpooledFile:
+        """Link the fsynced file to ``final`` (see ``Spool.store``) and make the link durable; once only."""
+        if self.published:
+            raise RuntimeError(f"write for {final} already published")
+        self.published = True
+        digest = _sha256_hex(self.data)  # releases the GIL: hashed while the helper's fsync waits on the disk
+        try:
+            tmp = self.written.result()
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise SpoolFullError(errno.ENOSPC, f"spool {self.spool.root} is full") from error
+            raise
+        try:
+            self.spool._ensure_folder(final.parent)
+            created = self.spool._publish(tmp, final, replace)
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise SpoolFullError(errno.ENOSPC, f"spool {self.spool.root} is full") from error
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        if created:
+            _fsync_dir(final.parent)
+        return SpooledFile(final, digest, len(self.data), created)
+
+
+def _remove_written(written: Future[Path]) -> None:
+    if written.exception() is None:
+        written.result().unlink(missing_ok=True)
 
 
 def process_owner(role: str) -> str:
@@ -177,6 +222,17 @@ def _clear_folder(folder: Path) -> int:
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()  # releases the GIL: runs beside the fsync
+
+
+def _write_temporary(folder: Path, data: bytes) -> Path:
+    """A new file in ``folder`` holding ``data``, written and fsynced; removed again if that fails."""
+    fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
+    try:
+        _write_and_fsync(fd, data)
+    except BaseException:
+        os.unlink(name)
+        raise
+    return Path(name)
 
 
 def _write_and_fsync(fd: int, data: bytes) -> None:
