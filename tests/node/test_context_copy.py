@@ -11,7 +11,7 @@ from node.scp import build_ae
 
 def test_quick_copying_deepcopy_equals_pynetdicoms_and_shares_no_list() -> None:
     """What each association gets: the same values as a generic deep copy, and lists of its own."""
-    contexts = build_ae(Settings()).supported_contexts
+    contexts = build_ae(Settings.model_validate({})).supported_contexts
     quick = quick_copying(contexts)
     copies = copy.deepcopy(quick)
     assert len(copies) == len(contexts) > 100
