@@ -17,6 +17,7 @@ from node.errors import InstanceRejectedError, StoreStatus
 from node.limits import ResourceLimits, check_encoded, check_image_header
 
 _UNDEFINED = 0xFFFFFFFF
+_PIXEL_DATA = 0x7FE00010
 _STORAGE = "1.2.840.10008.5.1.4.1.1."
 # Image storage SOP classes whose IOD requires pixel data (a header cut at an element
 # boundary still parses; only this catches it).
@@ -55,6 +56,7 @@ def read_header(
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=False)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+        _check_lengths(ds, len(data))  # on the raw elements: the loop below replaces every one
         for _element in ds:  # decode every value once: a wrong VR or length fails here, not later
             pass
         header = _identifiers(ds, transfer_syntax)
@@ -76,7 +78,6 @@ def read_header(
             f"SOPClassUID {header.sop_class_uid} differs from the request's {expected_sop_class}",
         )
     check_image_header(ds, limits)  # before _check_pixel_data_complete reads the pixel value
-    _check_lengths(ds, len(data))
     _check_pixel_data_complete(ds)
     return header
 
@@ -97,11 +98,15 @@ def _identifiers(ds: pydicom.Dataset, transfer_syntax: str) -> InstanceHeader:
 
 
 def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
-    """Every top-level element holds the bytes it declared, and the last one ends the data.
+    """Every top-level element holds the bytes it declared, in an even length, and the last one ends the data.
 
     pydicom reads a cut-off data set without complaint, dropping or shortening its
-    last elements; comparing declared lengths and positions catches it.
+    last elements, and takes odd lengths and undefined lengths on any element;
+    comparing declared lengths and positions catches a cut, and PS3.5 7.1 says which
+    lengths are allowed. Must run before any element is decoded: only the raw
+    elements pydicom read still carry their declared length and position.
     """
+    encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
     last_end = None
     for element in ds.elements():
         if not isinstance(element, RawDataElement):
@@ -109,12 +114,23 @@ def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
             continue
         held = len(element.value) if element.value is not None else 0
         if element.length == _UNDEFINED:
+            if not (encapsulated and element.tag == _PIXEL_DATA):
+                raise InstanceRejectedError(
+                    StoreStatus.CANNOT_UNDERSTAND,
+                    f"element {element.tag} has an undefined length, allowed only for sequences and "
+                    "encapsulated pixel data",
+                )
             last_end = element.value_tell + held + 8  # + the sequence delimitation item
             continue
         if held < element.length:
             raise InstanceRejectedError(
                 StoreStatus.CANNOT_UNDERSTAND,
                 f"element {element.tag} declares {element.length} bytes but holds {held} (truncated?)",
+            )
+        if element.length % 2:
+            raise InstanceRejectedError(
+                StoreStatus.CANNOT_UNDERSTAND,
+                f"element {element.tag} has an odd length ({element.length} bytes)",
             )
         last_end = element.value_tell + element.length
     deflated = ds.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
