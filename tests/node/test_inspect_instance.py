@@ -175,3 +175,24 @@ def test_read_header_pydicom_encapsulated_files_accepted() -> None:
         data = (folder / name).read_bytes()
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         read_header(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+
+
+def test_read_header_number_of_wrong_length_refused() -> None:
+    """Rows sent as UL with 2 bytes: a number whose length is no multiple of its size still fails to decode."""
+    ds = make_image(generate_uid())
+    data = _encoded(ds)
+    at = data.index(b"\x28\x00\x10\x00US")
+    reason = _refusal(data[: at + 4] + b"UL" + data[at + 6 :], ds).reason
+    assert "BytesLengthException" in reason
+
+
+@pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian])
+def test_read_header_file_meta_with_extra_elements_accepted(syntax: str) -> None:
+    """A meta group with optional elements (and a deflated body, read by dcmread) gives the same header."""
+    ds = make_image(generate_uid())
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.SourceApplicationEntityTitle = "PACS"
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"\x01\x02"
+    header = read_header(_encoded(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert (header.transfer_syntax, header.sop_instance_uid) == (syntax, ds.SOPInstanceUID)
