@@ -33,7 +33,7 @@ from benchmarks.rationale_data import PhantomSet, load_phantoms
 from benchmarks.rationale_metrics import partners, per_image, summarise
 from benchmarks.rationale_quality import MIN_VALIDITY, classifier_positives, run_gvr
 from inference.bundle import Bundle
-from inference.rationale import RationaleConfig
+from inference.rationale import RationaleConfig, shrink
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ SWEPT = ("weight", "distance", "proximity_weight", "prior_weight", "temperature"
 
 def _value(name: str, text: str) -> Any:
     """One setting's value from text, typed like the ``RationaleConfig`` field it sets."""
-    if name == "target" and text.lower() in ("default", "none"):
+    if name in ("target", "noise_floor") and text.lower() in ("default", "none"):
         return None
     if name == "distance":
         return text
@@ -109,12 +109,14 @@ def sweep_score(row: dict[str, Any]) -> float:
 
 
 def oracle_row(bundle: Bundle, positives: PhantomSet, partner: np.ndarray, threshold: float) -> dict[str, Any]:
-    """The encoded twin as ``z*``: the rationale ``G(E(x)) - G(E(twin))``, the ceiling of any latent method."""
+    """The encoded twin as ``z*``: the rationale ``G(E(x)) - G(E(twin))`` (less the default noise floor, as
+    GVR's), the ceiling of any latent method."""
     twins = torch.from_numpy(positives.twins)[:, None]
     with torch.no_grad():
         maps = (bundle.generator.decode(bundle.encoder.encode(positives.images))
                 - bundle.generator.decode(bundle.encoder.encode(twins)))[:, 0].numpy()
         p_star = bundle.classifier.predict_proba(bundle.encoder.encode(twins)).numpy()
+    maps = shrink(maps, RationaleConfig().floor_for(bundle.manifest.reconstruction_error))
     counterfactual = np.clip(positives.x - maps, -1.0, 1.0)
     values = per_image(maps, positives, partner, counterfactual, p_star, threshold)
     return {"label": ORACLE, "settings": None, "n": len(positives), "mean_steps": float("nan"),

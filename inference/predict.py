@@ -100,7 +100,7 @@ def to_unit(model_space: np.ndarray) -> np.ndarray:
 def artefact_maps(explanation: ImageExplanation, geometry: Geometry) -> dict[str, np.ndarray]:
     """The arrays ``node.artefacts`` names: display units ([0, 1]) on the source grid, the cine in model space.
 
-    The rationale is ``reconstruction - healthy`` in those units (half the
+    The rationale is ``shrink(reconstruction - healthy)`` in those units (half the
     model-space difference), upsampled onto the source grid. No healthy image:
     the node makes the one a reader sees from the source itself,
     ``node.results.overlay.healthy_image(source - rationale)``, at full resolution.

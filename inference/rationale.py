@@ -83,7 +83,11 @@ class RationaleConfig:
     ``tolerance`` and ``patience`` are the convergence criterion (objective
     improvement over the last ``patience`` steps); ``max_steps`` caps the run.
     ``frames`` is the number of cine frames from ``G(z0)`` to ``G(z*)``, both
-    ends included.
+    ends included. ``noise_floor`` (model units) is shrunk off every pixel of
+    ``G(z0) - G(z*)``, ``sign(d) max(|d| - floor, 0)``: the autoencoder cannot draw
+    an image closer than its own reconstruction error, so a change that small is
+    not evidence. ``None`` takes the bundle's median reconstruction error
+    (``manifest.reconstruction_error.p50``); 0 turns it off.
     """
 
     # chosen on validation phantoms (docs/rationale.md, configuration sweep): the population prior
@@ -100,6 +104,7 @@ class RationaleConfig:
     patience: int = 10
     frames: int = 8
     seed: int = 0
+    noise_floor: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "distance", Distance(self.distance))
@@ -121,19 +126,25 @@ class RationaleConfig:
             raise ValueError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
         if not isinstance(self.patience, int) or not 1 <= self.patience <= 10_000:
             raise ValueError(f"patience must be an int in [1, 10000], got {self.patience!r}")
+        if self.noise_floor is not None and not (0 <= self.noise_floor < 1 and np.isfinite(self.noise_floor)):
+            raise ValueError(f"noise_floor must be in [0, 1) model units or None, got {self.noise_floor!r}")
         if not isinstance(self.frames, int) or not 2 <= self.frames <= 256:
             raise ValueError(f"frames must be an int in [2, 256] (first and last included), got {self.frames!r}")
 
     def target_for(self, decision_threshold: float) -> float:
         return self.target if self.target is not None else decision_threshold / 2
 
+    def floor_for(self, reconstruction_error: dict[str, float]) -> float:
+        return self.noise_floor if self.noise_floor is not None else float(reconstruction_error["p50"])
+
 
 @dataclass(frozen=True)
 class Rationale:
     """The result for a batch of ``N`` images; images are float32 in model space ([-1, 1]).
 
-    ``rationale = reconstruction - healthy`` (signed, in [-2, 2]; positive speaks
-    for disease); ``counterfactual = clip(x - rationale)``, the patient's own image
+    ``rationale = shrink(reconstruction - healthy)`` (signed, in [-2, 2]; positive
+    speaks for disease; ``RationaleConfig.noise_floor`` shrunk off);
+    ``counterfactual = clip(x - rationale)``, the patient's own image
     with the disease removed; ``frames`` is ``N x F x R x R`` from
     ``reconstruction`` to ``healthy``; ``ood_flag`` is ``ood_score`` above the
     bundle's 99th training percentile. ``objective_start``/``objective_end`` are
@@ -309,7 +320,7 @@ def explain(bundle: Bundle, images: torch.Tensor, config: RationaleConfig | None
             cine = bundle.generator.decode(cine_latents.reshape(n * f, d)).reshape(n, f, *healthy.shape[2:])
     p99 = bundle.manifest.reconstruction_error["p99"]
     recon_np, healthy_np = _numpy(reconstruction[:, 0]), _numpy(healthy[:, 0])
-    rationale = recon_np - healthy_np
+    rationale = shrink(recon_np - healthy_np, config.floor_for(bundle.manifest.reconstruction_error))
     result = Rationale(
         p0=_numpy(p0), p_star=_numpy(p_star), reconstruction=recon_np, healthy=healthy_np,
         rationale=rationale, steps=steps.cpu().numpy().astype(np.int64), frames=_numpy(cine),
@@ -321,6 +332,14 @@ def explain(bundle: Bundle, images: torch.Tensor, config: RationaleConfig | None
     )
     logger.debug("rationale batch of %d: mean steps %.1f", len(result), float(result.steps.mean()))
     return result
+
+
+def shrink(difference: np.ndarray, floor: float) -> np.ndarray:
+    """Soft threshold: ``sign(d) max(|d| - floor, 0)`` (continuous; 0 leaves ``d`` as it is)."""
+    if floor <= 0:
+        return difference
+    out: np.ndarray = (np.sign(difference) * np.maximum(np.abs(difference) - floor, 0.0)).astype(np.float32)
+    return out
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

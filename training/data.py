@@ -100,34 +100,44 @@ def _progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterat
     return iter(tqdm(items, desc=desc, total=total, file=sys.stderr, dynamic_ncols=True, mininterval=2.0))
 
 
-def _phantom_image(seed: int, resolution: int, size: int | None) -> tuple[np.ndarray, float]:
-    from training.phantoms import make_phantom
+def _phantom_image(seed: int, resolution: int, size: int | None, twin: bool = False
+                   ) -> tuple[np.ndarray, float, np.ndarray | None]:
+    """(model image, BNP, and with ``twin`` the healthy twin's model image) of one phantom seed."""
+    from training.phantoms import make_phantom, make_twin
 
-    phantom = make_phantom(seed, size=size or max(resolution, MIN_SIDE))
+    size = size or max(resolution, MIN_SIDE)
+    phantom = make_phantom(seed, size=size)
     pixels, _ = array_to_model_image(np.asarray(phantom.image), resolution)
-    return quantise(pixels), float(phantom.bnp)
+    twin_pixels = quantise(array_to_model_image(make_twin(seed, size), resolution)[0]) if twin else None
+    return quantise(pixels), float(phantom.bnp), twin_pixels
 
 
-def _phantom_chunk(args: tuple[list[int], int, int | None]) -> tuple[np.ndarray, np.ndarray]:
-    seeds, resolution, size = args
-    out = [_phantom_image(seed, resolution, size) for seed in seeds]
-    return np.stack([o[0] for o in out]), np.array([o[1] for o in out])
+def _phantom_chunk(args: tuple[list[int], int, int | None, bool]
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    seeds, resolution, size, twins = args
+    out = [_phantom_image(seed, resolution, size, twins) for seed in seeds]
+    twin_images = np.stack([o[2] for o in out if o[2] is not None]) if twins else None
+    return np.stack([o[0] for o in out]), np.array([o[1] for o in out]), twin_images
 
 
 def render_phantoms(
-    phantoms: PhantomRange, resolution: int, workers: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N x R x R, bnp N) for every seed of the range."""
+    phantoms: PhantomRange, resolution: int, workers: int = 1, twins: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(images uint8 N x R x R, bnp N, the healthy twins uint8 N x R x R or None) for every seed of the range.
+
+    A twin goes through the same preprocessing as any image (its own intensity range), as a
+    healthy patient's radiograph would."""
     seeds = list(phantoms.seeds)
-    chunks = [(seeds[i:i + 64], resolution, phantoms.size) for i in range(0, len(seeds), 64)]
-    results: list[tuple[np.ndarray, np.ndarray]] = []
+    chunks = [(seeds[i:i + 64], resolution, phantoms.size, twins) for i in range(0, len(seeds), 64)]
+    results: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             results = list(_progress(pool.map(_phantom_chunk, chunks), f"phantoms ({len(seeds)})", len(chunks)))
     else:
         for chunk in _progress(chunks, f"phantoms ({len(seeds)})"):
             results.append(_phantom_chunk(chunk))
-    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results])
+    twin_images = np.concatenate([r[2] for r in results if r[2] is not None]) if twins else None
+    return np.concatenate([r[0] for r in results]), np.concatenate([r[1] for r in results]), twin_images
 
 
 def _load_files(paths: Sequence[Path], resolution: int, skip_unusable: bool) -> tuple[np.ndarray, list[int]]:
@@ -195,12 +205,14 @@ def load_unlabelled(
 
 @dataclass(frozen=True)
 class LabelledImages:
-    """Images with their BNP (ng/L) and the binary label ``bnp >= threshold``."""
+    """Images with their BNP (ng/L) and the binary label ``bnp >= threshold``; ``twins``, when
+    known, is each image's healthy twin (same patient, no signs), row for row."""
 
     images: np.ndarray
     bnp: np.ndarray
     threshold: float
     names: tuple[str, ...]
+    twins: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.images.shape[0]
@@ -208,18 +220,25 @@ class LabelledImages:
             raise ValueError(f"images must be uint8 N x R x R, got {self.images.dtype} {self.images.shape}")
         if self.bnp.shape != (n,) or len(self.names) != n:
             raise ValueError(f"{n} images but {self.bnp.shape} BNP values and {len(self.names)} names")
+        if self.twins is not None and (self.twins.shape != self.images.shape or self.twins.dtype != np.uint8):
+            raise ValueError(f"twins must match the images ({self.images.shape} uint8), got {self.twins.dtype} "
+                             f"{self.twins.shape}")
 
     @property
     def labels(self) -> np.ndarray:
         return self.bnp >= self.threshold
 
 
-def _read_label_csv(path: Path) -> tuple[list[Path], list[float]]:
+def _read_label_csv(path: Path, twins: bool = False) -> tuple[list[Path], list[float], list[Path]]:
+    """(image paths, BNP values, twin paths: empty unless ``twins``), paths relative to the CSV."""
     with path.open(newline="") as handle:
         reader = csv.DictReader(handle)
         missing = {"path", "bnp"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}; columns path and bnp are required")
+        if twins and "twin" not in (reader.fieldnames or ()):
+            raise ValueError(f"{path}: --twins needs a 'twin' column (each image's healthy twin, e.g. from "
+                             "`gvr phantoms --twins`); real radiographs have none: train without --twins")
         rows = list(reader)
     if not rows:
         raise ValueError(f"{path}: no rows")
@@ -227,20 +246,24 @@ def _read_label_csv(path: Path) -> tuple[list[Path], list[float]]:
         bnp = [float(row["bnp"]) for row in rows]
     except ValueError as exc:
         raise ValueError(f"{path}: a bnp value is not a number: {exc}") from exc
-    return [path.parent / row["path"] for row in rows], bnp
+    twin_paths = [path.parent / row["twin"] for row in rows] if twins else []
+    return [path.parent / row["path"] for row in rows], bnp, twin_paths
 
 
-def load_labelled(spec: str, resolution: int, threshold: float = 100.0, workers: int = 1) -> LabelledImages:
-    """A CSV (columns path, bnp; paths relative to the CSV) or a phantom range, preprocessed once."""
+def load_labelled(spec: str, resolution: int, threshold: float = 100.0, workers: int = 1,
+                  twins: bool = False) -> LabelledImages:
+    """A CSV (columns path, bnp, and twin with ``twins``; paths relative to the CSV) or a phantom
+    range, preprocessed once."""
     source = parse_data_spec(spec)
     if isinstance(source, PhantomRange):
-        images, bnp = render_phantoms(source, resolution, workers)
+        images, bnp, twin_images = render_phantoms(source, resolution, workers, twins)
         names = tuple(f"phantom-{seed}" for seed in source.seeds)
-        return LabelledImages(images, bnp.astype(np.float64), threshold, names)
+        return LabelledImages(images, bnp.astype(np.float64), threshold, names, twin_images)
     if source.is_dir():
         source = source / "labels.csv"
-    paths, bnp_values = _read_label_csv(source)
+    paths, bnp_values, twin_paths = _read_label_csv(source, twins)
     images, kept = _load_files(paths, resolution, skip_unusable=True)
     bnp = np.array([bnp_values[i] for i in kept], dtype=np.float64)
     names = tuple(str(paths[i].relative_to(source.parent)) for i in kept)
-    return LabelledImages(images, bnp, threshold, names)
+    twin_images = _load_files([twin_paths[i] for i in kept], resolution, skip_unusable=False)[0] if twins else None
+    return LabelledImages(images, bnp, threshold, names, twin_images)

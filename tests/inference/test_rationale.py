@@ -8,7 +8,7 @@ import torch
 
 from inference.bundle import Bundle
 from inference.preprocess import array_to_model_image
-from inference.rationale import Distance, GVRExplainer, RationaleConfig, explain
+from inference.rationale import Distance, GVRExplainer, RationaleConfig, explain, shrink
 from training.phantoms import make_phantom
 
 
@@ -39,7 +39,8 @@ def test_config_validates_and_coerces() -> None:
                           ({"max_steps": -1}, "max_steps"), ({"frames": 1}, "frames"),
                           ({"prior_weight": float("nan")}, "prior_weight"),
                           ({"proximity_weight": -1}, "proximity_weight"), ({"temperature": 0}, "temperature"),
-                          ({"patience": 0}, "patience"), ({"tolerance": -1}, "tolerance")):
+                          ({"patience": 0}, "patience"), ({"tolerance": -1}, "tolerance"),
+                          ({"noise_floor": -0.1}, "noise_floor")):
         with pytest.raises(ValueError, match=field):
             RationaleConfig(**kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
@@ -54,9 +55,25 @@ def test_explain_lowers_probability_of_positive_and_stays_close(tiny_bundle: Bun
     assert (result.steps > 0).all()
     change = np.abs(result.healthy - result.reconstruction).mean(axis=(1, 2))
     assert change.max() < 0.1, change  # model space spans 2.0
-    np.testing.assert_allclose(result.rationale, result.reconstruction - result.healthy, atol=1e-6)
+    floor = tiny_bundle.manifest.reconstruction_error["p50"]  # the default noise floor
+    np.testing.assert_allclose(result.rationale, shrink(result.reconstruction - result.healthy, floor), atol=1e-6)
     np.testing.assert_allclose(result.frames[:, 0], result.reconstruction, atol=1e-5)
     np.testing.assert_allclose(result.frames[:, -1], result.healthy, atol=1e-5)
+
+
+def test_noise_floor_shrinks_small_changes_off_the_rationale(tiny_bundle: Bundle, split: tuple) -> None:
+    """floor 0: the raw difference G(z0) - G(z*); floor f: every |change| less f, changes under f exactly 0,
+    and the counterfactual follows the shrunk map."""
+    positives, _ = split
+    raw = explain(tiny_bundle, positives[:2], RationaleConfig(noise_floor=0.0, max_steps=40))
+    np.testing.assert_allclose(raw.rationale, raw.reconstruction - raw.healthy, atol=1e-6)
+    floor = float(np.percentile(np.abs(raw.rationale), 50))
+    shrunk = explain(tiny_bundle, positives[:2], RationaleConfig(noise_floor=floor, max_steps=40))
+    np.testing.assert_allclose(np.abs(shrunk.rationale), np.maximum(np.abs(raw.rationale) - floor, 0), atol=1e-6)
+    assert (shrunk.rationale[np.abs(raw.rationale) <= floor] == 0).all()
+    assert (np.sign(shrunk.rationale) * np.sign(raw.rationale) >= 0).all()
+    x = positives[:2, 0].numpy()
+    np.testing.assert_allclose(shrunk.counterfactual, np.clip(x - shrunk.rationale, -1, 1), atol=1e-6)
 
 
 def test_explain_leaves_negative_unchanged(tiny_bundle: Bundle, split: tuple) -> None:

@@ -113,6 +113,12 @@ def _add_classifier(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     opt.add_argument("--latent-noise", type=float, default=1.0,
                      help="training noise on the latents, in per-dimension standard deviations (0: none); keeps "
                           "the classifier flat along directions the decoder barely draws")
+    opt.add_argument("--twins", action="store_true",
+                     help="the labelled set has healthy twins (phantoms, or a CSV with a twin column): add them "
+                          "to the training part as negatives")
+    opt.add_argument("--alignment-weight", type=float, default=0.0,
+                     help="with --twins: weight of the term that makes -grad f point from each training positive "
+                          "to its twin (0: off)")
     opt.add_argument("--overfit", action="store_true",
                      help="also fit the paper's control: a deliberately overfitted wide MLP")
     opt.add_argument("--overfit-epochs", type=int, default=3000, help="epochs of the overfitted control")
@@ -201,24 +207,29 @@ def _run_classifier(args: argparse.Namespace) -> dict[str, object]:
     if generator.config.latent_dim != encoder.config.latent_dim:
         raise ValueError(f"encoder latent {encoder.config.latent_dim} != generator latent "
                          f"{generator.config.latent_dim}")
+    if args.alignment_weight > 0 and not args.twins:
+        raise ValueError("--alignment-weight needs --twins (the way from each positive to its healthy twin)")
     cache = args.out / "latents.npz"
-    if args.resume and cache.is_file():
-        saved = np.load(cache, allow_pickle=False)
+    saved = np.load(cache, allow_pickle=False) if args.resume and cache.is_file() else None
+    if saved is not None and (not args.twins or len(saved.get("twins", ())) > 0):
         z, bnp = torch.from_numpy(saved["z"]), saved["bnp"]
+        twins = torch.from_numpy(saved["twins"]) if args.twins else None
     else:
-        data = load_labelled(args.labels, encoder.config.resolution, args.threshold, args.workers)
+        data = load_labelled(args.labels, encoder.config.resolution, args.threshold, args.workers, args.twins)
         z, bnp = latents_of(encoder, data.images).cpu(), data.bnp
+        twins = latents_of(encoder, data.twins).cpu() if data.twins is not None else None
         args.out.mkdir(parents=True, exist_ok=True)
-        np.savez(cache, z=z.numpy(), bnp=bnp)
+        np.savez(cache, z=z.numpy(), bnp=bnp, twins=twins.numpy() if twins is not None else np.zeros((0,)))
     labels = bnp >= args.threshold
     cfg = ClassifierTraining(val_fraction=args.val_fraction, epochs=args.epochs, seed=args.seed,
                              overfit_epochs=args.overfit_epochs, overfit_hidden=args.overfit_hidden,
                              kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-                             mlp_hidden=args.hidden, latent_noise=args.latent_noise)
+                             mlp_hidden=args.hidden, latent_noise=args.latent_noise, twin_negatives=args.twins,
+                             alignment_weight=args.alignment_weight)
     extra = {"kind": "classifier", "bnp_threshold": args.threshold, "data": f"{args.labels} ({len(bnp)} images, "
              f"{int(labels.sum())} with BNP >= {args.threshold:g})", "config": cfg.to_dict(),
              "encoder": str(args.encoder), "generator": str(args.generator), "step": 1}
-    model, summary = select_classifier(z, labels, cfg)
+    model, summary = select_classifier(z, labels, cfg, twins)
     save_classifier(args.out, model, summary, "classifier", extra)
     result: dict[str, object] = {"kind": summary["kind"], "val_auc": summary["val_auc"],
                                  "decision_threshold": summary["decision_threshold"]}
