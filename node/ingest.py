@@ -24,6 +24,7 @@ from node.errors import InstanceRejectedError, StoreStatus
 from node.inspect_instance import InstanceHeader, read_header
 from node.limits import ResourceLimits
 from node.spool import PendingWrite, Spool, SpooledFile, SpoolFullError
+from node.study_key import study_key
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ class Ingestor:
                 final.unlink(missing_ok=True)  # no audit row, so no acknowledged file
                 log.error("audit write failed, instance refused (0xA700): %s", error)
                 return StoreStatus.OUT_OF_RESOURCES
+        _log_notes(header)
         return StoreStatus.SUCCESS
 
     def _kept_copy(self, sop_instance_uid: str) -> KeptCopy | None:
@@ -130,14 +132,14 @@ class Ingestor:
         """
         values = _instance_values(request, header, copy, InstanceStatus.DUPLICATE)
         values["spool_path"] = kept.spool_path
-        values["reason"] = "SOP instance already stored with the same content; first copy kept"
+        values["reason"] = _with_notes("SOP instance already stored with the same content; first copy kept", header)
         conflict = copy.sha256 != kept.sha256 or header.study_uid != kept.study_uid
         if conflict:
             quarantined = self.spool.store(request.data, quarantine_path(self.spool.root, header.sop_instance_uid,
                                                                          copy.sha256))  # fmt: skip
             values.update(status=InstanceStatus.CONFLICT, spool_path=str(quarantined.path),
-                          reason=conflict_reason(header.sop_instance_uid, header.study_uid, copy.sha256, kept,
-                                                 quarantined.path))  # fmt: skip
+                          reason=_with_notes(conflict_reason(header.sop_instance_uid, header.study_uid, copy.sha256,
+                                                             kept, quarantined.path), header))  # fmt: skip
         try:
             with self.audit.session() as session:
                 row = Instance(**values)
@@ -195,6 +197,16 @@ def check_request(request: StoreRequest) -> None:
         )
 
 
+def _log_notes(header: InstanceHeader) -> None:
+    """An instance kept despite what its encoding gets wrong: visible to an operator, never a failure."""
+    for note in header.notes:
+        log.warning("instance of study %s accepted with a note: %s", study_key(header.study_uid), note)
+
+
+def _with_notes(reason: str, header: InstanceHeader) -> str:
+    return "; ".join((reason, *header.notes))
+
+
 def _uid_or_none(value: str) -> str | None:
     """``value`` when it is a valid UID (what an audit column may hold), else None."""
     return value if value and UID(value).is_valid else None
@@ -208,6 +220,7 @@ def _instance_values(
         "association_id": request.association_id,
         "status": status,
         "dimse_status": int(StoreStatus.SUCCESS),
+        "reason": "; ".join(header.notes) or None,  # an ACCEPTED row's reason: what was read despite PS3.5
         "sop_instance_uid": header.sop_instance_uid,
         "sop_class_uid": header.sop_class_uid,
         "series_uid": header.series_uid,

@@ -62,6 +62,7 @@ class InstanceHeader:
     series_uid: str
     transfer_syntax: str
     modality: str | None
+    notes: tuple[str, ...] = ()  # what is off in the encoding but read anyway (odd lengths), for the audit row
 
 
 def read_header(
@@ -69,6 +70,7 @@ def read_header(
 ) -> InstanceHeader:
     """Parse the encoded data set (file meta + body) and check it is whole, consistent and within limits.
 
+    Returns the identifiers, with ``notes`` on what was read although PS3.5 forbids it.
     Raises ``InstanceRejectedError`` with CANNOT_UNDERSTAND for data we cannot
     parse or that lacks pixel bytes it declares, DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     when the data set contradicts the C-STORE request, and EXCEEDS_RESOURCE_LIMIT
@@ -79,9 +81,9 @@ def read_header(
     try:
         ds = _parse(data)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
-        _check_lengths(ds, len(data))  # on the raw elements: decoding replaces them
+        notes = _check_lengths(ds, len(data))  # on the raw elements: decoding replaces them
         _decode_what_can_fail(ds)  # a wrong VR or length fails here, not later
-        header = _identifiers(ds, transfer_syntax)
+        header = _identifiers(ds, transfer_syntax, notes)
     except InstanceRejectedError:
         raise
     except Exception as error:  # untrusted bytes: pydicom, zlib and struct raise many types
@@ -157,7 +159,7 @@ def _plain_file_meta(data: bytes) -> tuple[UID, int] | None:
     return syntax, position
 
 
-def _identifiers(ds: pydicom.Dataset, transfer_syntax: str) -> InstanceHeader:
+def _identifiers(ds: pydicom.Dataset, transfer_syntax: str, notes: tuple[str, ...]) -> InstanceHeader:
     for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = str(ds.get(keyword, "") or "")
         if not value or not UID(value).is_valid:
@@ -169,19 +171,23 @@ def _identifiers(ds: pydicom.Dataset, transfer_syntax: str) -> InstanceHeader:
         series_uid=str(ds.SeriesInstanceUID),
         transfer_syntax=transfer_syntax,
         modality=str(ds.get("Modality", "") or "") or None,
+        notes=notes,
     )
 
 
-def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
-    """Every top-level element holds the bytes it declared, in an even length, and the last one ends the data.
+def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> tuple[str, ...]:
+    """Every top-level element holds the bytes it declared and the last one ends the data; returns notes.
 
     pydicom reads a cut-off data set without complaint, dropping or shortening its
-    last elements, and takes odd lengths and undefined lengths on any element;
-    comparing declared lengths and positions catches a cut, and PS3.5 7.1 says which
-    lengths are allowed. Must run before any element is decoded: only the raw
-    elements pydicom read still carry their declared length and position.
+    last elements, and takes undefined lengths on any element; comparing declared
+    lengths and positions catches a cut, and PS3.5 7.2 says where an undefined length
+    is allowed. Odd lengths (PS3.5 7.1.1 forbids them) are written by real old
+    modalities and read by pydicom, dcmtk and Orthanc alike: noted, not refused.
+    Must run before any element is decoded: only the raw elements pydicom read still
+    carry their declared length and position.
     """
     encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
+    odd: list[RawDataElement] = []
     last_end = None
     for element in ds.elements():
         if not isinstance(element, RawDataElement):
@@ -203,10 +209,7 @@ def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
                 f"element {element.tag} declares {element.length} bytes but holds {held} (truncated?)",
             )
         if element.length % 2:
-            raise InstanceRejectedError(
-                StoreStatus.CANNOT_UNDERSTAND,
-                f"element {element.tag} has an odd length ({element.length} bytes)",
-            )
+            odd.append(element)
         last_end = element.value_tell + element.length
     deflated = ds.file_meta.TransferSyntaxUID == pydicom.uid.DeflatedExplicitVRLittleEndian
     if last_end is not None and not deflated and last_end != total_bytes:
@@ -214,6 +217,16 @@ def _check_lengths(ds: pydicom.Dataset, total_bytes: int) -> None:
             StoreStatus.CANNOT_UNDERSTAND,
             f"the last element ends at byte {last_end} but the data has {total_bytes} (truncated?)",
         )
+    return _odd_length_notes(odd)
+
+
+def _odd_length_notes(odd: list[RawDataElement]) -> tuple[str, ...]:
+    """One note for the audit row, however many elements: it names the first and counts the rest."""
+    if not odd:
+        return ()
+    others = f" and {len(odd) - 1} more element(s)" if len(odd) > 1 else ""
+    note = f"element {odd[0].tag} has an odd length ({odd[0].length} bytes){others}"
+    return (f"{note}; PS3.5 7.1.1 requires even lengths, read as sent",)
 
 
 def _decode_what_can_fail(ds: pydicom.Dataset) -> None:

@@ -7,6 +7,7 @@ ingest path (preamble, file meta, body), then edited at byte level in one place.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -97,15 +98,38 @@ def test_read_header_cut_after_pixel_data_refused() -> None:
     assert "(FFFC,FFFC)" in reason
 
 
-def test_read_header_odd_length_refused() -> None:
-    """PS3.5 7.1.1: every value length is even. PatientID 'TESTID01' re-declared as 7 bytes."""
-    ds = make_image(generate_uid())
-    data = _encoded(ds)
+def _with_odd_patient_id(data: bytes) -> bytes:
+    """PatientID 'TESTID01' re-declared as the 7 bytes 'TESTID0', as some old modalities write values."""
     at = data.index(b"\x10\x00\x20\x00LO")
     assert data[at + 8 : at + 16] == b"TESTID01"
-    odd = data[: at + 6] + struct.pack("<H", 7) + b"TESTID0" + data[at + 16 :]
-    reason = _refusal(odd, ds).reason
-    assert "(0010,0020)" in reason and "odd" in reason
+    return data[: at + 6] + struct.pack("<H", 7) + b"TESTID0" + data[at + 16 :]
+
+
+def test_read_header_odd_length_accepted_with_note() -> None:
+    """PS3.5 7.1.1 wants even lengths, but pydicom, dcmtk and Orthanc read odd ones: accepted, with a note."""
+    ds = make_image(generate_uid())
+    header = read_header(_with_odd_patient_id(_encoded(ds)), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert header.sop_instance_uid == ds.SOPInstanceUID
+    assert len(header.notes) == 1 and "(0010,0020)" in header.notes[0] and "odd" in header.notes[0]
+    assert read_header(_encoded(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID)).notes == ()
+
+
+def test_ingest_odd_length_accepted_and_audited_with_note(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Through Ingestor.receive: success, an ACCEPTED row whose reason names the element, a warning log line."""
+    url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
+    upgrade(url)
+    ingestor = Ingestor(Spool(tmp_path / "spool"), AuditDB(url), "test")
+    ds = make_image(generate_uid())
+    data = _with_odd_patient_id(_encoded(ds))
+    with caplog.at_level(logging.WARNING, logger="node.ingest"):
+        result = ingestor.receive(StoreRequest(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID), None))
+    assert result.status == StoreStatus.SUCCESS
+    with ingestor.audit.session() as session:
+        rows = session.query(Instance).all()
+    assert [row.status for row in rows] == [InstanceStatus.ACCEPTED]
+    assert "(0010,0020)" in (rows[0].reason or "") and "odd" in (rows[0].reason or "")
+    assert Path(str(rows[0].spool_path)).read_bytes() == data
+    assert any("(0010,0020)" in record.getMessage() for record in caplog.records)
 
 
 def test_read_header_undefined_length_outside_sequence_refused() -> None:
