@@ -27,3 +27,10 @@ class InstanceRejectedError(ValueError):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class LimitExceededError(InstanceRejectedError):
+    """An instance claims more than a resource limit allows; refused with EXCEEDS_RESOURCE_LIMIT (0xC001)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(StoreStatus.EXCEEDS_RESOURCE_LIMIT, reason)

@@ -16,10 +16,8 @@ import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydicom.datadict import dictionary_VR
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
-
-from node.errors import InstanceRejectedError, StoreStatus
+from node.encoded_walk import SequenceWalk
+from node.errors import LimitExceededError
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -27,16 +25,9 @@ if TYPE_CHECKING:
     from node.config import Settings
 
 MB = 1024 * 1024
-_UNDEFINED = 0xFFFFFFFF
-_PIXEL_DATA = (0x7FE0, 0x0010)
-_LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
-
-
-class LimitExceededError(InstanceRejectedError):
-    """An instance claims more than a resource limit allows; refused with EXCEEDS_RESOURCE_LIMIT (0xC001)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(StoreStatus.EXCEEDS_RESOURCE_LIMIT, reason)
+# LimitExceededError lives beside its base in node.errors (node.encoded_walk raises it too); callers import it here
+__all__ = ["MB", "LimitExceededError", "ResourceLimits", "bounded_inflate", "check_encoded", "check_image_header",
+           "check_spacing", "check_structure", "codestream_size", "first_fragment", "pixel_spacing"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -75,7 +66,9 @@ class ResourceLimits:
 def check_encoded(data: bytes, limits: ResourceLimits) -> None:
     """Check a Part 10 encoding (preamble, file meta, body) before pydicom parses it.
 
-    Raises ``LimitExceededError``. Bytes this walk cannot follow are left to the parser,
+    Raises ``LimitExceededError``. The walk covers what pydicom parses: the file meta and
+    command groups as it reads them, then the body from where it starts, in the encoding it
+    takes (``node.encoded_walk``). Bytes this walk cannot follow are left to the parser,
     which refuses them as unreadable: the walk only ever refuses what it could measure.
     """
     if len(data) > limits.max_instance_bytes:
@@ -83,14 +76,14 @@ def check_encoded(data: bytes, limits: ResourceLimits) -> None:
             f"the instance is {len(data) / MB:.1f} MB; the limit is {limits.max_instance_bytes / MB:.0f} MB "
             "(max_instance_mb)"
         )
-    meta = _file_meta(data)
-    if meta is None:
+    walk = SequenceWalk(limits)
+    found = walk.body(data)  # where pydicom will start reading, whatever the group length says
+    if found is None:
         return
-    transfer_syntax, body_offset = meta
-    body: bytes | memoryview = memoryview(data)[body_offset:]
-    if transfer_syntax == DeflatedExplicitVRLittleEndian:
+    body: bytes | memoryview = memoryview(data)[found.offset :]
+    if found.deflated:
         body = bounded_inflate(bytes(body), limits.max_inflated_bytes)
-    check_structure(body, transfer_syntax != ImplicitVRLittleEndian, limits)
+    walk.run(body, 0, found.explicit, found.little)
 
 
 def bounded_inflate(deflated: bytes, max_bytes: int) -> bytes:
@@ -108,127 +101,9 @@ def bounded_inflate(deflated: bytes, max_bytes: int) -> bytes:
     return inflated
 
 
-def _file_meta(data: bytes) -> tuple[str, int] | None:
-    """(Transfer Syntax UID, offset of the body) from the file meta group, or None when it is not plain."""
-    if len(data) < 144 or data[128:132] != b"DICM" or data[132:138] != b"\x02\x00\x00\x00UL":
-        return None
-    group_length = struct.unpack_from("<I", data, 140)[0]
-    end = 144 + group_length
-    position, syntax = 144, None
-    while position + 8 <= min(end, len(data)):
-        group, element = struct.unpack_from("<HH", data, position)
-        vr = data[position + 4 : position + 6]
-        if vr in _LONG_VRS:
-            length, header = struct.unpack_from("<I", data, position + 8)[0], 12
-        else:
-            length, header = struct.unpack_from("<H", data, position + 6)[0], 8
-        if (group, element) == (0x0002, 0x0010):
-            syntax = bytes(data[position + header : position + header + length]).rstrip(b"\x00 ").decode("ascii", "replace")
-        position += header + length
-    return (syntax, end) if syntax is not None else None
-
-
-@dataclass
-class _Open:
-    """A sequence, item or encapsulated pixel data being walked; ``end`` None while its length is undefined."""
-
-    kind: str  # "sequence", "item" or "fragments"
-    end: int | None
-    explicit: bool
-
-
 def check_structure(body: bytes | memoryview, explicit: bool, limits: ResourceLimits) -> None:
-    """Count sequence items (and pixel fragments) and sequence nesting, without building a data set.
-
-    Iterative on purpose: a nesting bomb must not recurse. Stops at the first structure it
-    cannot follow; the parser judges that part.
-    """
-    walk = _Walk(body, limits)
-    walk.run(explicit)
-
-
-class _Walk:
-    def __init__(self, body: bytes | memoryview, limits: ResourceLimits) -> None:
-        self.body = body
-        self.limits = limits
-        self.items = 0
-        self.open: list[_Open] = []
-
-    def run(self, top_explicit: bool) -> None:
-        body, position = self.body, 0
-        while position + 8 <= len(body):
-            while self.open and (end := self.open[-1].end) is not None and position >= end:
-                self.open.pop()
-            explicit = self.open[-1].explicit if self.open else top_explicit
-            group, element, length = struct.unpack_from("<HHI", body, position)
-            if group == 0xFFFE:
-                position = self._delimiter(element, length, position + 8)
-            else:
-                position = self._element((group, element), explicit, position)
-            if position < 0:
-                return
-
-    def _delimiter(self, element: int, length: int, position: int) -> int:
-        if element == 0xE000:  # an item, or a pixel fragment
-            self._count_item()
-            if self.open and self.open[-1].kind == "fragments":
-                return position + length
-            self.open.append(_Open("item", None if length == _UNDEFINED else position + length,
-                                   self.open[-1].explicit if self.open else True))  # fmt: skip
-            return position
-        closes = "item" if element == 0xE00D else "sequence"
-        while self.open:
-            if self.open.pop().kind in (closes, "fragments"):
-                break
-        return position
-
-    def _element(self, tag: tuple[int, int], explicit: bool, position: int) -> int:
-        body = self.body
-        if explicit:
-            vr = bytes(body[position + 4 : position + 6])
-            if vr in _LONG_VRS:
-                length, header = int(struct.unpack_from("<I", body, position + 8)[0]), 12
-            else:
-                length, header = int(struct.unpack_from("<H", body, position + 6)[0]), 8
-        else:
-            length, header = int(struct.unpack_from("<I", body, position + 4)[0]), 8
-            vr = _implicit_vr(tag)
-        start = position + header
-        if length == _UNDEFINED:
-            if tag == _PIXEL_DATA:
-                self.open.append(_Open("fragments", None, explicit))
-            else:  # SQ, or UN holding an implicit VR sequence (PS3.5 6.2.2)
-                self._open_sequence(None, explicit and vr != b"UN")
-            return start
-        if start + length > len(body):
-            return -1  # runs past the end: truncated, the parser refuses it
-        if vr == b"SQ":
-            self._open_sequence(start + length, explicit)
-            return start
-        return start + length
-
-    def _open_sequence(self, end: int | None, explicit: bool) -> None:
-        self.open.append(_Open("sequence", end, explicit))
-        depth = sum(1 for entry in self.open if entry.kind == "sequence")
-        if depth > self.limits.max_sequence_depth:
-            raise LimitExceededError(
-                f"sequences nest deeper than {self.limits.max_sequence_depth} levels (max_sequence_depth)"
-            )
-
-    def _count_item(self) -> None:
-        self.items += 1
-        if self.items > self.limits.max_sequence_items:
-            raise LimitExceededError(
-                f"the data set holds more than {self.limits.max_sequence_items} sequence items or pixel "
-                "fragments (max_sequence_items)"
-            )
-
-
-def _implicit_vr(tag: tuple[int, int]) -> bytes:
-    try:
-        return str(dictionary_VR(tag)).encode("ascii")
-    except KeyError:
-        return b"UN"  # private or unknown: the parser keeps it as raw bytes
+    """Count sequence items (and pixel fragments) and sequence nesting of a little endian body alone."""
+    SequenceWalk(limits).run(body, 0, explicit, True)
 
 
 # -- the image header: pixels, decoded bytes, codestream size, spacing -----------------------

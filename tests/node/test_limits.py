@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    generate_uid,
+)
 
 from inference.preprocess import UnusableImageError, spooled_dicom_to_model_image
 from node.audit.db import AuditDB
@@ -16,6 +23,7 @@ from node.audit.migrate import upgrade
 from node.config import Settings
 from node.errors import StoreStatus
 from node.ingest import Ingestor, StoreRequest
+from node.inspect_instance import read_header
 from node.limits import LimitExceededError, ResourceLimits, check_encoded, check_structure, codestream_size
 from node.spool import Spool
 from tests.factories import make_image
@@ -81,3 +89,54 @@ def test_worker_path_refuses_every_bomb_before_decoding(tmp_path: Path) -> None:
         with pytest.raises(UnusableImageError) as refused:
             spooled_dicom_to_model_image(bomb.write(tmp_path), 64, ResourceLimits())
         assert bomb.limit in str(refused.value), bomb.kind
+
+
+def _nested(depth: int) -> pydicom.Dataset:
+    """An image holding ``depth`` sequences, one inside the other, one item each."""
+    ds = make_image(generate_uid())
+    holder = ds
+    for _ in range(depth):
+        item = pydicom.Dataset()
+        item.CodeValue = "121311"
+        holder.PurposeOfReferenceCodeSequence = [item]
+        holder = item
+    return ds
+
+
+def _group_length(data: bytes, value: int) -> bytes:
+    return data[:140] + struct.pack("<I", value) + data[144:]
+
+
+def _without_transfer_syntax(data: bytes) -> bytes:
+    """The file meta minus (0002,0010), its group length still true: pydicom guesses the body's encoding."""
+    at = data.index(b"\x02\x00\x10\x00UI", 132)
+    removed = 8 + struct.unpack_from("<H", data, at + 6)[0]
+    data = data[:at] + data[at + removed :]
+    return _group_length(data, struct.unpack_from("<I", data, 140)[0] - removed)
+
+
+META_TRICKS: dict[str, Callable[[bytes], bytes]] = {
+    "meta as written": lambda data: data,
+    "group length past the end": lambda data: _group_length(data, len(data) - 144),
+    "group length zero": lambda data: _group_length(data, 0),
+    "group length short by one element": lambda data: _group_length(data, struct.unpack_from("<I", data, 140)[0] - 26),
+    "no transfer syntax": _without_transfer_syntax,
+}
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                                    DeflatedExplicitVRLittleEndian], ids=lambda syntax: syntax.name)  # fmt: skip
+@pytest.mark.parametrize("trick", sorted(META_TRICKS))
+def test_sequence_limits_hold_whatever_the_file_meta_claims(trick: str, syntax: str) -> None:
+    """Depth and item bombs behind a lying group length or a meta without transfer syntax: 0xC001, the limit named."""
+    if trick == "no transfer syntax" and syntax == DeflatedExplicitVRLittleEndian:
+        pytest.skip("without its transfer syntax pydicom reads the deflated bytes as they are: no bomb to find")
+    ds = _nested(4)
+    ds.file_meta.TransferSyntaxUID = syntax
+    data = META_TRICKS[trick](_encoded(ds))
+    for limits, name in ((ResourceLimits(max_sequence_depth=3), "max_sequence_depth"),
+                         (ResourceLimits(max_sequence_items=3), "max_sequence_items")):  # fmt: skip
+        with pytest.raises(LimitExceededError, match=name) as refused:
+            read_header(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID), limits)
+        assert refused.value.status == StoreStatus.EXCEEDS_RESOURCE_LIMIT
+    check_encoded(data, ResourceLimits(max_sequence_depth=4, max_sequence_items=4))  # counted exactly, not twice
