@@ -43,7 +43,7 @@ from inference.rationale import RationaleConfig
 logger = logging.getLogger(__name__)
 
 QUICK_SEEDS = 40  # --quick: the first phantoms of each seed range
-DEFAULT_LAMBDAS = "2,5,10,20,50"
+DEFAULT_LAMBDAS = "5,10,20,30,50"
 FIGURE_HIDDEN = ("Random (chance)", "x - twin (ceiling)")  # noise says nothing; x - twin is a column already
 
 

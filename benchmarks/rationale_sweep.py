@@ -45,7 +45,7 @@ TARGETS: dict[str, float] = {"closer_to_twin": 0.40, "fidelity": 0.5, "own_mask_
 MAX_SECONDS = 2.0
 ORACLE = "encoded twin (oracle latent, reference)"
 SWEPT = ("weight", "distance", "proximity_weight", "prior_weight", "temperature", "target", "lr", "max_steps",
-         "tolerance", "patience")
+         "tolerance", "patience", "noise_floor")
 
 
 def _value(name: str, text: str) -> Any:

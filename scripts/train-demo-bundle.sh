@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 GVR="${GVR:-.venv/bin/python -m node.cli.main}"
 WORK="${WORK:-/tmp/gvr-demo-train}"
 BUNDLE="${BUNDLE:-inference/bundles/demo}"
-VERSION="${VERSION:-2.1.0}"
+VERSION="${VERSION:-2.2.0}"
 DEVICE="${DEVICE:-cpu}"
 THREADS="${THREADS:-2}"
 AE_STEPS="${AE_STEPS:-2000}"
@@ -45,7 +45,7 @@ stage autoencoder $GVR train autoencoder --data "$UNLABELLED" --out "$WORK/autoe
   --device "$DEVICE" --resume
 stage classifier $GVR train classifier --labels "$LABELLED" --encoder "$WORK/autoencoder/encoder" \
   --generator "$WORK/autoencoder/generator" --out "$WORK/classifier" --threshold 100 --overfit --workers 2 \
-  --kinds mlp --hidden 128 --latent-noise 1.0 --seed 0 --threads "$THREADS" --device "$DEVICE"
+  --kinds mlp --hidden 128 --latent-noise 1.0 --twins --alignment-weight 1.0 --seed 0 --threads "$THREADS" --device "$DEVICE"
 stage export $GVR export --generator "$WORK/autoencoder/generator" --encoder "$WORK/autoencoder/encoder" \
   --classifier "$WORK/classifier" --out "$WORK/bundle" --name demo --version "$VERSION"
 stage evaluate $GVR evaluate --bundle "$WORK/bundle" --labels "$HELD_OUT" --out "$WORK/evaluation" --workers 2 \

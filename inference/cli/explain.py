@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="weight of the latent prior (0: off)")
     rationale.add_argument("--target", type=float, default=None,
                            help="the classifier term lets go below this probability (default: half the threshold)")
+    rationale.add_argument("--noise-floor", type=float, default=None,
+                           help="changes smaller than this (model units) are shrunk off the rationale "
+                                "(default: the bundle's median reconstruction error; 0: off)")
     rationale.add_argument("--max-steps", type=int, default=defaults.max_steps, help="Adam steps at most")
     rationale.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     rationale.add_argument("--frames", type=int, default=defaults.frames, help="cine frames, both ends included")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = RationaleConfig(weight=args.weight, distance=args.distance, prior_weight=args.prior_weight,
                                  target=args.target, lr=args.lr, max_steps=args.max_steps, frames=args.frames,
-                                 seed=args.seed)
+                                 seed=args.seed, noise_floor=args.noise_floor)
         if args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
         bundle = resolve_bundle(args.bundle, args.device)
