@@ -41,6 +41,9 @@ _KNOWN_VRS = frozenset(
                                   "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
                                   "UL", "UN", "UR", "US", "UT", "UV")
 )  # fmt: skip
+_HEADER = {True: struct.Struct("<HHI"), False: struct.Struct(">HHI")}  # tag and 4-byte length, by little endian
+_U16 = {True: struct.Struct("<H"), False: struct.Struct(">H")}
+_U32 = {True: struct.Struct("<I"), False: struct.Struct(">I")}
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 
 
@@ -69,6 +72,7 @@ class _Open:
     kind: str  # "sequence", "item" or "fragments"
     end: int | None
     explicit: bool
+    tag: tuple[int, int]  # the sequence's or pixel data's; an item's is its sequence's
 
 
 class SequenceWalk:
@@ -77,6 +81,11 @@ class SequenceWalk:
     Iterative on purpose: a nesting bomb must not recurse. Stops at the first structure it
     cannot follow; the parser judges that part. One walk per instance: the item count is
     the instance's, meta and body together.
+
+    On the way it notes the first length that lies inside a sequence (``fault``): an element
+    or item claiming more bytes than its item or sequence holds, or a sequence of undefined
+    length the data ends inside. pydicom reads past such an end without complaint, and only
+    the top-level elements keep their declared lengths for ``read_header`` to compare.
     """
 
     def __init__(self, limits: ResourceLimits) -> None:
@@ -87,6 +96,7 @@ class SequenceWalk:
         self.implicit_switch = bool(config.assume_implicit_vr_switch)
         self.buffer: bytes | memoryview = b""
         self.little = True
+        self.fault: str | None = None
 
     def body(self, data: bytes) -> Body | None:
         """The body as ``read_partial`` finds it after the preamble, file meta and command groups; None if none."""
@@ -123,7 +133,7 @@ class SequenceWalk:
         element runs past the end.
         """
         self.buffer, self.little = buffer, little
-        header = struct.Struct("<HHI" if little else ">HHI")
+        header = _HEADER[little]
         explicit = self._reads_explicit(position, explicit, top_level=True)
         while position + 8 <= len(buffer):
             while self.open and (end := self.open[-1].end) is not None and position >= end:
@@ -140,6 +150,8 @@ class SequenceWalk:
                                          position)  # fmt: skip
             if position < 0:
                 return position
+        if stop_group is None:
+            self._check_closed()
         return len(buffer)  # pydicom reads the last few bytes and ends there
 
     def _group_ends(self, position: int, group: int, element: int, explicit: bool, wanted: int) -> int | None:
@@ -166,8 +178,11 @@ class SequenceWalk:
             self._count_item()
             if self.open and self.open[-1].kind == "fragments":
                 return position + length
+            tag = self.open[-1].tag if self.open else (0xFFFE, 0xE000)
+            if length != _UNDEFINED:
+                self._check_inside(position + length, length, None, "sequence")
             explicit = self._reads_explicit(position, self.open[-1].explicit if self.open else True, top_level=False)
-            self.open.append(_Open("item", None if length == _UNDEFINED else position + length, explicit))
+            self.open.append(_Open("item", None if length == _UNDEFINED else position + length, explicit, tag))
             return position
         closes = "item" if element == 0xE00D else "sequence"
         while self.open:
@@ -176,16 +191,16 @@ class SequenceWalk:
         return position
 
     def _element(self, tag: tuple[int, int], explicit: bool, position: int) -> int:
-        buffer, endian = self.buffer, "<" if self.little else ">"
+        buffer, u16, u32 = self.buffer, _U16[self.little], _U32[self.little]
         vr: bytes | None = bytes(buffer[position + 4 : position + 6]) if explicit else None
         if vr is not None and vr in _LONG_VRS:
             if position + 12 > len(buffer):
                 return -1  # cut inside the header: the parser refuses it
-            length, header = int(struct.unpack_from(endian + "I", buffer, position + 8)[0]), 12
+            length, header = int(u32.unpack_from(buffer, position + 8)[0]), 12
         elif vr is not None and (b"AA" <= vr <= b"ZZ" or not self.implicit_switch):
-            length, header = int(struct.unpack_from(endian + "H", buffer, position + 6)[0]), 8
+            length, header = int(u16.unpack_from(buffer, position + 6)[0]), 8
         else:  # implicit VR, or pydicom's switch to it on a VR that is no two capitals
-            vr, length, header = None, int(struct.unpack_from(endian + "I", buffer, position + 4)[0]), 8
+            vr, length, header = None, int(u32.unpack_from(buffer, position + 4)[0]), 8
         start = position + header
         if self.top is not None and not self.open:
             self.top.append(_TopElement((tag[0] << 16) | tag[1], vr, start, length))
@@ -193,19 +208,38 @@ class SequenceWalk:
             vr = _implicit_vr(tag)
         if length == _UNDEFINED:
             if tag == _PIXEL_DATA:
-                self.open.append(_Open("fragments", None, explicit))
+                self.open.append(_Open("fragments", None, explicit, tag))
             else:  # SQ, or UN holding a sequence (PS3.5 6.2.2): pydicom reads it in the same VR mode
-                self._open_sequence(None, explicit)
+                self._open_sequence(None, explicit, tag)
             return start
+        if self.open:
+            self._check_inside(start + length, length, tag, "item")
         if start + length > len(buffer):
             return -1  # runs past the end: truncated, the parser refuses it
         if vr == b"SQ":
-            self._open_sequence(start + length, explicit)
+            self._open_sequence(start + length, explicit, tag)
             return start
         return start + length
 
-    def _open_sequence(self, end: int | None, explicit: bool) -> None:
-        self.open.append(_Open("sequence", end, explicit))
+    def _check_inside(self, end: int, length: int, element: tuple[int, int] | None, container: str) -> None:
+        """Note an element (or, ``element`` None, an item) ending past the innermost defined end around it."""
+        if self.fault is not None:
+            return
+        bound = next((entry.end for entry in reversed(self.open) if entry.end is not None), None)
+        past = "its " + container if bound is not None and end > bound else "the data" if end > len(self.buffer) else ""
+        if past:
+            sequence = _name(self.open[-1].tag) if self.open else "(none)"
+            what = f"element {_name(element)} in sequence {sequence}" if element else f"an item of {sequence}"
+            self.fault = f"{what} declares {length} bytes, past the end of {past} (truncated?)"
+
+    def _check_closed(self) -> None:
+        """The data ended: a sequence of undefined length still open was cut (fragments: read_header's check)."""
+        for entry in self.open:
+            if entry.end is None and entry.kind != "fragments" and self.fault is None:
+                self.fault = f"sequence {_name(entry.tag)} of undefined length is not closed when the data ends (truncated?)"
+
+    def _open_sequence(self, end: int | None, explicit: bool, tag: tuple[int, int]) -> None:
+        self.open.append(_Open("sequence", end, explicit, tag))
         depth = sum(1 for entry in self.open if entry.kind == "sequence")
         if depth > self.limits.max_sequence_depth:
             raise LimitExceededError(
@@ -219,6 +253,10 @@ class SequenceWalk:
                 f"the data set holds more than {self.limits.max_sequence_items} sequence items or pixel "
                 "fragments (max_sequence_items)"
             )
+
+
+def _name(tag: tuple[int, int]) -> str:
+    return f"({tag[0]:04X},{tag[1]:04X})"
 
 
 def _implicit_vr(tag: tuple[int, int]) -> bytes:

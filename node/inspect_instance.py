@@ -77,19 +77,22 @@ def read_header(
     (checked before pydicom parses or inflates anything) for an instance over a limit.
     """
     limits = limits or ResourceLimits()
-    check_encoded(data, limits)
+    nested_fault = check_encoded(data, limits)  # its walk also compares lengths inside sequences
     try:
         ds = _parse(data)
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
         notes = _check_lengths(ds, len(data))  # on the raw elements: decoding replaces them
+        if nested_fault is not None:  # after the top-level check: a top-level lie is named first
+            raise InstanceRejectedError(StoreStatus.CANNOT_UNDERSTAND, nested_fault)
         _decode_what_can_fail(ds)  # a wrong VR or length fails here, not later
         header = _identifiers(ds, transfer_syntax, notes)
     except InstanceRejectedError:
         raise
     except Exception as error:  # untrusted bytes: pydicom, zlib and struct raise many types
         # Only the error's type: pydicom's messages can quote element values (patient names).
+        # A lie inside a sequence, when the walk saw one, says better why it failed.
         raise InstanceRejectedError(
-            StoreStatus.CANNOT_UNDERSTAND, f"unreadable data set ({type(error).__name__})"
+            StoreStatus.CANNOT_UNDERSTAND, nested_fault or f"unreadable data set ({type(error).__name__})"
         ) from error
     if header.sop_instance_uid != expected_sop_instance:
         raise InstanceRejectedError(

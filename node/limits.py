@@ -63,10 +63,11 @@ class ResourceLimits:
 # -- the encoded instance: size, inflated size, sequence items and depth ---------------------
 
 
-def check_encoded(data: bytes, limits: ResourceLimits) -> None:
+def check_encoded(data: bytes, limits: ResourceLimits) -> str | None:
     """Check a Part 10 encoding (preamble, file meta, body) before pydicom parses it.
 
-    Raises ``LimitExceededError``. The walk covers what pydicom parses: the file meta and
+    Returns the first length found lying inside a sequence (a sentence naming the element),
+    for ``read_header`` to refuse; None when none. Raises ``LimitExceededError``. The walk covers what pydicom parses: the file meta and
     command groups as it reads them, then the body from where it starts, in the encoding it
     takes (``node.encoded_walk``). Bytes this walk cannot follow are left to the parser,
     which refuses them as unreadable: the walk only ever refuses what it could measure.
@@ -79,11 +80,12 @@ def check_encoded(data: bytes, limits: ResourceLimits) -> None:
     walk = SequenceWalk(limits)
     found = walk.body(data)  # where pydicom will start reading, whatever the group length says
     if found is None:
-        return
+        return walk.fault
     body: bytes | memoryview = memoryview(data)[found.offset :]
     if found.deflated:
         body = bounded_inflate(bytes(body), limits.max_inflated_bytes)
     walk.run(body, 0, found.explicit, found.little)
+    return walk.fault
 
 
 def bounded_inflate(deflated: bytes, max_bytes: int) -> bytes:

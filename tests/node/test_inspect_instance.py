@@ -186,7 +186,7 @@ def test_read_header_valid_encodings_accepted(variant: str, syntax: str) -> None
     undefined = syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)  # the others keep defined lengths
     for element in ds.iterall():
         if element.VR == "SQ":
-            element.value.is_undefined_length = undefined
+            element.is_undefined_length = undefined  # the element's flag: pydicom 3 ignores the Sequence's
     header = read_header(_encoded(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
     assert header.sop_instance_uid == ds.SOPInstanceUID
 
@@ -220,3 +220,44 @@ def test_read_header_file_meta_with_extra_elements_accepted(syntax: str) -> None
     ds.file_meta.PrivateInformation = b"\x01\x02"
     header = read_header(_encoded(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID))
     assert (header.transfer_syntax, header.sop_instance_uid) == (syntax, ds.SOPInstanceUID)
+
+
+def _referencing(ds: Dataset, undefined: bool) -> Dataset:
+    """Two referenced images, each an item of (0008,1140); sequence and item lengths defined or not."""
+    ds.ReferencedImageSequence = [Dataset(), Dataset()]
+    for item in ds.ReferencedImageSequence:
+        item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+        item.ReferencedSOPInstanceUID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
+        item.is_undefined_length_sequence_item = undefined
+    ds["ReferencedImageSequence"].is_undefined_length = undefined  # on the element: the Sequence's flag is not written
+    return ds
+
+
+@pytest.mark.parametrize("undefined", [False, True], ids=["defined lengths", "undefined lengths"])
+def test_read_header_element_longer_than_its_item_refused(undefined: bool) -> None:
+    """A UID in the first item claims 6 bytes more than it holds, reading into what follows: refused, named.
+
+    With defined lengths the item's end names the element; with undefined ones only the sequence
+    is known (a lie that swallows exactly the delimiters between two items reads as one item).
+    """
+    ds = _referencing(make_image(generate_uid()), undefined)
+    data = _encoded(ds)
+    at = data.index(b"\x08\x00\x55\x11UI")  # the first item's ReferencedSOPInstanceUID
+    length = struct.unpack_from("<H", data, at + 6)[0]
+    reason = _refusal(_with_short_length(data, b"\x08\x00\x55\x11UI", length + 6), ds).reason
+    assert "(0008,1140)" in reason and (undefined or "element (0008,1155)" in reason)
+
+
+@pytest.mark.parametrize("cut", [8, 16], ids=["sequence delimiter", "item and sequence delimiters"])
+def test_read_header_cut_inside_undefined_length_sequence_refused(cut: int) -> None:
+    """A document whose last element, an undefined-length sequence, loses its delimiters: refused as truncated."""
+    ds = _document()
+    ds.ContentSequence = [Dataset()]
+    ds.ContentSequence[0].ValueType = "TEXT"
+    ds.ContentSequence[0].is_undefined_length_sequence_item = True
+    ds["ContentSequence"].is_undefined_length = True
+    data = _encoded(ds)
+    closing = b"\xfe\xff\x0d\xe0\x00\x00\x00\x00\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    assert data.endswith(closing)  # the content sequence is the last element
+    reason = _refusal(data[:-cut], ds).reason
+    assert "(0040,A730)" in reason and "truncated" in reason
