@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _TRANSFER_SYNTAX = 0x00020010
-_KNOWN_VRS = frozenset(
+KNOWN_VRS = frozenset(  # every VR of PS3.5 as it appears in explicit VR bytes
     vr.encode("ascii") for vr in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD",
                                   "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
                                   "UL", "UN", "UR", "US", "UT", "UV")
@@ -302,6 +302,6 @@ def _guessed(data: bytes, offset: int) -> Body | None:
     if offset + 6 > len(data):
         return None  # its struct.unpack fails: nothing is parsed
     group = struct.unpack_from("<H", data, offset)[0]
-    explicit = data[offset + 4 : offset + 6] in _KNOWN_VRS
+    explicit = data[offset + 4 : offset + 6] in KNOWN_VRS
     return Body(offset, explicit=explicit, little=not (explicit and group >= 1024), deflated=False)
 

@@ -24,16 +24,12 @@ from pydicom.uid import (
     PrivateTransferSyntaxes,
 )
 
+from node.encoded_walk import KNOWN_VRS
 from node.errors import InstanceRejectedError, StoreStatus
 from node.limits import ResourceLimits, check_encoded, check_image_header
 
 _UNDEFINED = 0xFFFFFFFF
 _PIXEL_DATA = 0x7FE00010
-_META_VRS = frozenset(
-    vr.encode("ascii") for vr in ("AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD",
-                                  "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SQ", "SS", "ST", "SV", "TM", "UC", "UI",
-                                  "UL", "UN", "UR", "US", "UT", "UV")
-)  # fmt: skip
 _LONG_VRS = frozenset((b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"))
 # Decoding these cannot fail with pydicom's lenient reading defaults (``_decode_what_can_fail``)
 _TEXT_AND_BYTE_VRS = frozenset(
@@ -143,7 +139,7 @@ def _plain_file_meta(data: bytes) -> tuple[UID, int] | None:
         if group != 2:
             break
         vr = data[position + 4 : position + 6]
-        if vr not in _META_VRS:
+        if vr not in KNOWN_VRS:
             return None
         if vr in _LONG_VRS:
             length, header = struct.unpack_from("<I", data, position + 8)[0], 12

@@ -124,13 +124,16 @@ META_TRICKS: dict[str, Callable[[bytes], bytes]] = {
 }
 
 
-@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
-                                    DeflatedExplicitVRLittleEndian], ids=lambda syntax: syntax.name)  # fmt: skip
-@pytest.mark.parametrize("trick", sorted(META_TRICKS))
+# without its transfer syntax pydicom reads deflated bytes as they are: there is no bomb to find in that pair
+TRICKED_SYNTAXES = [(trick, syntax) for trick in sorted(META_TRICKS)
+                    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                                   DeflatedExplicitVRLittleEndian)
+                    if not (trick == "no transfer syntax" and syntax == DeflatedExplicitVRLittleEndian)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("trick", "syntax"), TRICKED_SYNTAXES, ids=lambda value: getattr(value, "name", value))
 def test_sequence_limits_hold_whatever_the_file_meta_claims(trick: str, syntax: str) -> None:
     """Depth and item bombs behind a lying group length or a meta without transfer syntax: 0xC001, the limit named."""
-    if trick == "no transfer syntax" and syntax == DeflatedExplicitVRLittleEndian:
-        pytest.skip("without its transfer syntax pydicom reads the deflated bytes as they are: no bomb to find")
     ds = _nested(4)
     ds.file_meta.TransferSyntaxUID = syntax
     data = META_TRICKS[trick](_encoded(ds))
