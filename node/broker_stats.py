@@ -99,6 +99,9 @@ def _sqlite_depths(path: str, shown: str) -> QueueDepths:
     if not Path(path).is_file():  # kombu creates the file with the first message: nothing is waiting
         return QueueDepths(shown, {name: 0 for name in QUEUES})
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=2) as connection:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"kombu_message", "kombu_queue"} <= tables:  # the file is opened before kombu declares its tables
+            return QueueDepths(shown, {name: 0 for name in QUEUES})
         rows = connection.execute(
             "SELECT q.name, COUNT(*) FROM kombu_message m JOIN kombu_queue q ON m.queue_id = q.id"
             " WHERE m.visible = 1 GROUP BY q.name"

@@ -91,6 +91,18 @@ def test_status_sqlite_broker_counts_queued_job(
     assert "not checked: workers of queue gpu" in text
 
 
+def test_sqlite_broker_before_kombu_declares_its_tables_is_empty_not_broken(tmp_path: Path) -> None:
+    """A fresh node opens the broker file before the first message makes kombu's tables: 0 waiting, no error."""
+    import sqlite3
+
+    from node.broker_stats import QUEUES, queue_depths
+
+    path = tmp_path / "broker.sqlite"
+    sqlite3.connect(path).close()  # the file exists, no table yet
+    depths = queue_depths(f"sqla+sqlite:///{path}")
+    assert depths.error is None and depths.waiting == {name: 0 for name in QUEUES}
+
+
 def test_status_nothing_reachable_reports_each_part(
     gvr_env: Callable[..., None], capsys: pytest.CaptureFixture[str]
 ) -> None:
