@@ -23,7 +23,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy.exc import SQLAlchemyError
 
-from node import reactor_wakeup
+from node import reactor_wakeup, store_response
 from node.audit.db import AuditDB, add_event
 from node.audit.models import Association, AssociationOutcome, utcnow
 from node.config import Settings
@@ -141,6 +141,8 @@ def handle_conn_open(event: Any, settings: Settings | None = None) -> None:
     # issue 12: pynetdicom's two threads per association poll (1 ms sleeps); woken by their queues
     # and the socket instead, an instance is served as soon as it arrives and an idle peer costs no CPU
     reactor_wakeup.install(event.assoc)
+    # issue 12: the usual C-STORE-RSP encoded directly, not through a pydicom Dataset (~0.4 ms each)
+    store_response.install(event.assoc)
     run_checks_first(event.assoc)
 
 
