@@ -93,3 +93,37 @@ def test_node_serves_without_timed_wakeups(running_node: Any, monkeypatch: pytes
     assert assoc.is_released
     elapsed = time.monotonic() - started
     assert elapsed < SLOW_IDLE_S / 2, f"an association of 6 exchanges took {elapsed:.1f} s: something polled"
+
+
+class RecordingClock:
+    """Stands in for the ``time`` module: records each sleep instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.slept: list[float] = []
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+
+def _sleeps_in_thread(clock: reactor_wakeup.ReactorClock, checkpoint: Any) -> list[float]:
+    """The reactor's 1 ms sleep and another, called from a thread whose checkpoint is ``checkpoint``."""
+    recorder: RecordingClock = clock._clock  # type: ignore[assignment]
+
+    def reactor_pass() -> None:
+        clock.sleep(0.001)
+        clock.sleep(0.01)
+
+    thread = threading.Thread(target=reactor_pass)
+    thread._reactor_checkpoint = checkpoint  # type: ignore[attr-defined]
+    thread.start()
+    thread.join()
+    return recorder.slept
+
+
+def test_reactor_sleep_skipped_only_behind_a_gate() -> None:
+    """A gated reactor waits in its gate, so its per-pass 1 ms sleep goes; ungated ones (SCUs) keep every sleep."""
+    gated = _sleeps_in_thread(reactor_wakeup.ReactorClock(RecordingClock()), ReactorGate(lambda: False, 0.01))  # type: ignore[arg-type]
+    assert gated == [0.01]
+    ungated = _sleeps_in_thread(reactor_wakeup.ReactorClock(RecordingClock()), threading.Event())  # type: ignore[arg-type]
+    assert ungated == [0.001, 0.01]
+    assert reactor_wakeup.ReactorClock(time).monotonic is time.monotonic
