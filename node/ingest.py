@@ -90,7 +90,9 @@ class Ingestor:
     def _store(self, request: StoreRequest, header: InstanceHeader, pending: PendingWrite) -> StoreStatus:
         with self.locks.hold(header.sop_instance_uid):  # issue 9: link and commit one copy at a time
             final = self.spool.instance_path(header.study_uid, header.sop_instance_uid)
-            spooled = pending.publish(final)
+            # issue 12: named once written, file and folder flushed together; the row commits only after both, and
+            # nothing trusts a spool file without its ACCEPTED row, so a crash leftover is replaced below next time
+            spooled = pending.publish_then_flush(final)
             # the common path needs no SELECT: link-if-absent already said whether the file is new
             if not spooled.created:
                 kept = self._kept_copy(header.sop_instance_uid)

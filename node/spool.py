@@ -1,8 +1,11 @@
 """The spool: where received instances lie, written atomically and durably.
 
 A file reaches its final name only by ``link``/``rename`` from a temporary file
-that was written and fsynced in the same filesystem, so a reader (or a crash)
-never sees half an instance. Layout::
+of the same filesystem, so a reader never sees half an instance. ``store`` (and
+``PendingWrite.publish``) fsync the file before it is named, so not even a crash
+leaves half a file under a final name. ``PendingWrite.publish_then_flush`` names
+it first and flushes file and folder together: for names whose readers trust an
+audit row, never the bare file (received instances). Layout::
 
     <spool>/incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm
     <spool>/tmp/<owner>/    partial writes of one process: ``node``, or ``<role>-<host>-<pid>``
@@ -19,7 +22,9 @@ import re
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
@@ -112,7 +117,7 @@ class Spool:
             return pending.publish(final, replace)
 
     def begin(self, data: bytes) -> PendingWrite:
-        """Start writing and fsyncing ``data`` to a temporary file on a helper thread; ``publish`` names it.
+        """Start writing and fsyncing ``data`` to a temporary file on a helper thread; ``publish...`` names it.
 
         issue 12: the SCP checks the header while the bytes go to disk, instead of after.
         Use as a context manager: a write that is never published is removed.
@@ -120,7 +125,9 @@ class Spool:
         """
         if self.min_free_bytes and self.free_bytes() - len(data) < self.min_free_bytes:
             raise SpoolFullError(errno.ENOSPC, f"spool {self.root} below its free-space floor")
-        return PendingWrite(self, data, self._writer.submit(_write_temporary, self.tmp, data))
+        written: Future[Path] = Future()
+        flushed = self._writer.submit(_write_temporary, self.tmp, data, written)
+        return PendingWrite(self, data, written, flushed)
 
     def _ensure_folder(self, folder: Path) -> None:
         """Create a study folder and make its name durable, once per process.
@@ -147,50 +154,94 @@ class Spool:
 
 
 class PendingWrite:
-    """An instance's bytes on their way to a fsynced temporary file; ``publish`` gives them their final name."""
+    """An instance's bytes on their way to a fsynced temporary file; ``publish...`` gives them their final name.
 
-    def __init__(self, spool: Spool, data: bytes, written: Future[Path]) -> None:
+    ``written`` resolves to the temporary file once its bytes are written (not yet durable),
+    ``flushed`` once they are also fsynced.
+    """
+
+    def __init__(self, spool: Spool, data: bytes, written: Future[Path], flushed: Future[Path]) -> None:
         self.spool = spool
         self.data = data
         self.written = written
+        self.flushed = flushed
         self.published = False
 
     def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        if not self.published:  # refused, or failed: the temporary file goes once it exists, without waiting
-            self.written.add_done_callback(_remove_written)
+        if not self.published:  # refused, or failed: the temporary file goes once its fsync ended, without waiting
+            self.flushed.add_done_callback(self._remove_temporary)
 
     def publish(self, final: Path, replace: bool = False) -> SpooledFile:
         """Link the fsynced file to ``final`` (see ``Spool.store``) and make the link durable; once only."""
-        if self.published:
-            raise RuntimeError(f"write for {final} already published")
-        self.published = True
-        digest = _sha256_hex(self.data)  # releases the GIL: hashed while the helper's fsync waits on the disk
+        digest = self._claim(final)
         try:
-            tmp = self.written.result()
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise SpoolFullError(errno.ENOSPC, f"spool {self.spool.root} is full") from error
+            tmp = self._outcome(self.flushed)
+        except BaseException:
+            self._remove_temporary(self.flushed)
             raise
-        try:
-            self.spool._ensure_folder(final.parent)
-            created = self.spool._publish(tmp, final, replace)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise SpoolFullError(errno.ENOSPC, f"spool {self.spool.root} is full") from error
-            raise
-        finally:
-            tmp.unlink(missing_ok=True)
+        created = self._link(tmp, final, replace)
         if created:
             _fsync_dir(final.parent)
         return SpooledFile(final, digest, len(self.data), created)
 
+    def publish_then_flush(self, final: Path) -> SpooledFile:
+        """Link the written bytes to ``final`` if it is free, then make file and link durable together; once only.
 
-def _remove_written(written: Future[Path]) -> None:
-    if written.exception() is None:
-        written.result().unlink(missing_ok=True)
+        issue 12: the folder's fsync runs beside the file's (ext4 commits both in one journal
+        transaction) instead of after it. Returns only once both are durable, and on failure
+        removes the name again; but a crash in between leaves ``final`` without its bytes
+        durable. Only for names no reader trusts without its own record (the audit row) saying
+        they were received: ``Ingestor`` replaces such a leftover when the instance comes again.
+        """
+        digest = self._claim(final)
+        tmp = self._outcome(self.written)
+        created = self._link(tmp, final, replace=False)
+        if created:
+            try:
+                _fsync_dir(final.parent)
+                self._outcome(self.flushed)
+            except BaseException:
+                final.unlink(missing_ok=True)  # never durable: nothing may find it and take it as received
+                raise
+        return SpooledFile(final, digest, len(self.data), created)
+
+    def _claim(self, final: Path) -> str:
+        """Mark the write published (once only) and hash the bytes while the helper writes them."""
+        if self.published:
+            raise RuntimeError(f"write for {final} already published")
+        self.published = True
+        return _sha256_hex(self.data)  # releases the GIL: hashed while the helper's write and fsync run
+
+    def _outcome(self, step: Future[Path]) -> Path:
+        """The temporary file once ``step`` is done; else its error, a full disk as ``SpoolFullError``."""
+        with _full_disk_as_spool_full(self.spool):
+            return step.result()
+
+    def _remove_temporary(self, _flushed: Future[Path]) -> None:
+        """Remove the temporary file, if it was written (its fsync has ended, well or not)."""
+        if self.written.done() and self.written.exception() is None:
+            self.written.result().unlink(missing_ok=True)
+
+    def _link(self, tmp: Path, final: Path, replace: bool) -> bool:
+        try:
+            with _full_disk_as_spool_full(self.spool):
+                self.spool._ensure_folder(final.parent)
+                return self.spool._publish(tmp, final, replace)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def _full_disk_as_spool_full(spool: Spool) -> Iterator[None]:
+    try:
+        yield
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise SpoolFullError(errno.ENOSPC, f"spool {spool.root} is full") from error
+        raise
 
 
 def process_owner(role: str) -> str:
@@ -224,26 +275,30 @@ def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()  # releases the GIL: runs beside the fsync
 
 
-def _write_temporary(folder: Path, data: bytes) -> Path:
-    """A new file in ``folder`` holding ``data``, written and fsynced; removed again if that fails."""
-    fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
-    try:
-        _write_and_fsync(fd, data)
-    except BaseException:
-        os.unlink(name)
-        raise
-    return Path(name)
+def _write_temporary(folder: Path, data: bytes, written: Future[Path]) -> Path:
+    """A new file in ``folder`` holding ``data``: ``written`` is told once the bytes are written, fsynced after.
 
-
-def _write_and_fsync(fd: int, data: bytes) -> None:
-    """Write straight to the descriptor (no buffered copy), fsync, close."""
+    A file whose write fails is removed again; once ``written`` is told, the file is the
+    ``PendingWrite``'s to remove (the publisher may be linking it while the fsync runs).
+    """
+    fd, name = -1, ""
     try:
+        fd, name = tempfile.mkstemp(dir=folder, suffix=".part")
         view = memoryview(data)
-        while view:
+        while view:  # straight to the descriptor, no buffered copy
             view = view[os.write(fd, view) :]
+        written.set_result(Path(name))
         os.fsync(fd)
+    except BaseException as error:
+        if not written.done():
+            if name:
+                os.unlink(name)
+            written.set_exception(error)
+        raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
+    return Path(name)
 
 
 def _link_or_replace(tmp: Path, final: Path, replace: bool) -> bool:

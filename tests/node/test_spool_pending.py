@@ -29,7 +29,7 @@ def test_pending_write_never_published_leaves_no_temporary_file(tmp_path: Path) 
     spool = Spool(tmp_path / "spool", owner="test")
     with spool.begin(b"refused instance") as pending:
         pass
-    pending.written.result(timeout=10)
+    pending.flushed.result(timeout=10)
     removed = threading.Event()
     for _ in range(1000):  # the removal runs on the writer's thread just after the write: give it a moment
         if not list(spool.tmp.iterdir()):
