@@ -3,7 +3,9 @@
 One presentation context per (SOP class, transfer syntax) found in the files, so
 nothing is ever transcoded; TCP_NODELAY on every socket we open. Every association
 gets a ``node.reactor_gate.ReactorGate``, held before each request, so pynetdicom's
-reactor thread can never take a C-STORE response meant for ``send_c_store``.
+reactor thread can never take a C-STORE response meant for ``send_c_store``, and sends
+its files' data sets as they lie on disk (``node.store_file``: not decoded and encoded
+again) through ``node.store_request`` (runs of PDUs, pynetdicom's bytes).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from node import store_request
 from node.association_failure import describe_connect, describe_failure
 from node.config import Peer
 from node.reactor_gate import hold_reactor, install
 from node.scp import set_nodelay
+from node.store_file import send_file
 
 log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
@@ -79,6 +83,7 @@ def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float =
     if assoc.dul.socket is not None and assoc.dul.socket.socket is not None:
         set_nodelay(assoc.dul.socket.socket)
     install(assoc)
+    store_request.install(assoc)  # data sets go out as runs of PDUs: the same bytes, far less Python per PDU
     try:
         yield assoc
     finally:
@@ -128,7 +133,7 @@ def _store_one(assoc: Association, item: FileToSend) -> SendResult:
     if not hold_reactor(assoc):  # the reactor ended: so did the association
         return SendResult(item.path, None, "the association ended before this C-STORE")
     try:
-        response = assoc.send_c_store(item.path)
+        response = send_file(assoc, item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax)
     except (ValueError, OSError) as error:
         return SendResult(item.path, None, str(error))
     status = int(response.Status) if "Status" in response else None
