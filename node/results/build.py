@@ -30,6 +30,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.artefacts import ImageResult, JobResult, load_array, read_job_result
 from node.results import overlay, uids
+from node.results.outbox_file import fsync_folder, make_folder, write_dataset_file
 from node.results.secondary_capture import (
     AlgorithmEquipment,
     ResultIdentity,
@@ -209,12 +210,14 @@ def outbox_folder(spool: Spool, job_id: str) -> Path:
 def write_outbox(spool: Spool, job_id: str, datasets: list[Dataset]) -> list[OutboxEntry]:
     """Write each object as ``outbox/<job>/<SOPInstanceUID>.dcm``, then ``manifest.json`` last."""
     folder = outbox_folder(spool, job_id)
+    make_folder(folder)
     entries = []
     for ds in datasets:
         name = f"{uid_to_filename(str(ds.SOPInstanceUID))}.dcm"
-        spool.store(encode(ds), folder / name, replace=True)
+        write_dataset_file(spool, ds, folder / name)  # pydicom writes into the file: no copy in memory
         entries.append(OutboxEntry(name, _kind_of(ds), str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                    str(ds.file_meta.TransferSyntaxUID), _source_of(ds)))  # fmt: skip
+    fsync_folder(folder)  # every object's name is durable before the manifest says the outbox is complete
     manifest = {"job_id": job_id, "objects": [entry.__dict__ for entry in entries]}
     spool.store(json.dumps(manifest, indent=2).encode(), folder / MANIFEST, replace=True)
     return entries

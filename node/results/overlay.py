@@ -213,13 +213,17 @@ def healthy_image(base: np.ndarray, rationale: np.ndarray) -> np.ndarray:
     model removed is blurred by the upsampling, never the rest of the chest.
     """
     _check_grid("rationale", rationale, base.shape)
-    healthy: np.ndarray = np.clip(base - rationale, 0.0, 1.0).astype(np.float32)
-    return healthy
+    healthy: np.ndarray = base - rationale
+    np.clip(healthy, 0.0, 1.0, out=healthy)  # in place: a full-size array less to allocate (and fault in)
+    return healthy.astype(np.float32, copy=False)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
-    scaled: np.ndarray = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return scaled
+    """``rint(clip(image, 0, 1) * 255)`` as uint8, computed in one working array (a third of the time at 3000 px)."""
+    scaled: np.ndarray = np.clip(image, 0.0, 1.0)
+    scaled *= 255.0
+    np.rint(scaled, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def _check_grid(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -252,7 +256,16 @@ def _tint_tables(levels: int = 256) -> tuple[np.ndarray, np.ndarray]:
     return colours, weights
 
 
+def _untinted_range(weights: np.ndarray) -> tuple[int, int]:
+    """The table indices (lowest, highest) whose weight is 0: one run around t = 0, under the floor."""
+    zero = np.flatnonzero(weights == 0)
+    if len(zero) == 0 or zero[-1] - zero[0] + 1 != len(zero):
+        raise ValueError(f"tint weights are 0 at {zero.tolist()}: expected one run of indices around t = 0")
+    return int(zero[0]), int(zero[-1])
+
+
 _TINT_COLOURS, _TINT_WEIGHTS = _tint_tables()
+_UNTINTED_LOW, _UNTINTED_HIGH = _untinted_range(_TINT_WEIGHTS)
 
 
 def blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
@@ -263,14 +276,18 @@ def blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
     integers: a fraction of the float version's time and memory at full resolution.
     """
     _check_grid("rationale", rationale, base.shape)
-    index = np.clip(rationale * np.float32(127.5 / scale) + np.float32(128.0), 0, 255).astype(np.uint8)
-    weight = _TINT_WEIGHTS.take(index)
+    position = rationale * np.float32(127.5 / scale)
+    position += np.float32(128.0)
+    index = np.clip(position, 0, 255, out=position).astype(np.uint8)
     grey = _to_uint8(base)
     blended: np.ndarray = np.repeat(grey[..., None], 3, axis=-1)
-    tinted = weight > 0  # most of a chest is under the floor: mix only where there is a tint
-    w = weight[tinted][:, None]
-    mixed = grey[tinted][:, None].astype(np.uint16) * (256 - w) + _TINT_COLOURS[index[tinted]] * w + 128
-    blended[tinted] = (mixed >> 8).astype(np.uint8)
+    # most of a chest is under the floor: mix only where there is a tint (found by comparing, not a
+    # full-size table lookup, which took longer than everything else here)
+    tinted = np.flatnonzero((index < _UNTINTED_LOW) | (index > _UNTINTED_HIGH))  # flat positions: one mask pass
+    picked = index.ravel()[tinted]
+    w = _TINT_WEIGHTS[picked][:, None]
+    mixed = grey.ravel()[tinted][:, None].astype(np.uint16) * (256 - w) + _TINT_COLOURS[picked] * w + 128
+    blended.reshape(-1, 3)[tinted] = (mixed >> 8).astype(np.uint8)
     return blended
 
 
