@@ -138,7 +138,7 @@ def build_for_image(result: JobResult, index: int, results_root: Path, report_oo
         raise ResultBuildError(
             f"job {result.job_id} image {image.key} has no rationale.npy: nothing to overlay"
         )
-    rationale = rationale.astype(np.float32)
+    rationale = rationale.astype(np.float32, copy=False)  # stored as float32: no full-size copy
     pictures = [overlay_sc(header, overlay.render_overlay(base, rationale, caption),
                            identity(ObjectKind.OVERLAY, SeriesKind.RATIONALE, 2 * number - 1), equipment)]  # fmt: skip
     if caption.shows_rationale:
@@ -147,7 +147,7 @@ def build_for_image(result: JobResult, index: int, results_root: Path, report_oo
                                                                   2 * number), equipment))  # fmt: skip
         cine = _optional_array(results_root, result.job_id, image.key, "cine")
         if cine is not None:
-            frames = overlay.render_cine(cine.astype(np.float32), caption)
+            frames = overlay.render_cine(cine.astype(np.float32, copy=False), caption)
             pictures.append(cine_sc(header, frames, identity(ObjectKind.CINE, SeriesKind.CINE, number), equipment))
     report = build_report(ReportInputs(header, image, model, tuple(pictures), report_ood),
                           identity(ObjectKind.REPORT, SeriesKind.REPORT, number))  # fmt: skip

@@ -200,11 +200,15 @@ def _modality_values(ds: Dataset) -> np.ndarray:
 
 
 def _linear_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1, LINEAR: values below/above the window at 0/1, a ramp in between."""
+    """PS3.3 C.11.2.1.2.1, LINEAR: values below/above the window at 0/1, a ramp in between.
+
+    ``values`` (float32, ours: ``_modality_values`` made it) is overwritten: no full-size array is allocated.
+    """
     width = max(width, 1.0)
     if width == 1.0:
         return (values >= np.float32(centre - 0.5)).astype(np.float32)
-    ramp = values - np.float32(centre - 0.5)  # then in place: one full-size array instead of three
+    ramp = values
+    ramp -= np.float32(centre - 0.5)
     ramp *= np.float32(1.0 / (width - 1.0))
     ramp += np.float32(0.5)
     return np.clip(ramp, 0.0, 1.0, out=ramp)
