@@ -76,6 +76,10 @@ def read_header(
     nested_fault = check_encoded(data, limits)  # its walk also compares lengths inside sequences
     try:
         ds = _parse(data)
+        if not ds.file_meta.get("TransferSyntaxUID"):
+            raise InstanceRejectedError(
+                StoreStatus.CANNOT_UNDERSTAND, "the file meta names no transfer syntax (0002,0010): cannot read it"
+            )
         transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
         notes = _check_lengths(ds, len(data))  # on the raw elements: decoding replaces them
         if nested_fault is not None:  # after the top-level check: a top-level lie is named first

@@ -21,7 +21,7 @@ from inference.preprocess import UnusableImageError, spooled_dicom_to_model_imag
 from node.audit.db import AuditDB
 from node.audit.migrate import upgrade
 from node.config import Settings
-from node.errors import StoreStatus
+from node.errors import InstanceRejectedError, StoreStatus
 from node.ingest import Ingestor, StoreRequest
 from node.inspect_instance import read_header
 from node.limits import LimitExceededError, ResourceLimits, check_encoded, check_structure, codestream_size
@@ -143,3 +143,13 @@ def test_sequence_limits_hold_whatever_the_file_meta_claims(trick: str, syntax: 
             read_header(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID), limits)
         assert refused.value.status == StoreStatus.EXCEEDS_RESOURCE_LIMIT
     check_encoded(data, ResourceLimits(max_sequence_depth=4, max_sequence_items=4))  # counted exactly, not twice
+
+
+def test_meta_without_transfer_syntax_refused_with_its_reason() -> None:
+    """Within the limits, a file meta without (0002,0010) is refused by name, not as a Python error."""
+    ds = make_image(generate_uid())
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    data = _without_transfer_syntax(_encoded(ds))
+    with pytest.raises(InstanceRejectedError, match=r"names no transfer syntax \(0002,0010\)") as refused:
+        read_header(data, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    assert refused.value.status == StoreStatus.CANNOT_UNDERSTAND
