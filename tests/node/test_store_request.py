@@ -246,3 +246,21 @@ def test_result_objects_wire_bytes_identical(tmp_path: Path, storage_scp: Any, m
     ours, theirs, runs = _wire_pair(files, port, monkeypatch)
     assert runs >= len(files) and ours == theirs
     assert len(received) == 2 * len(files)
+
+
+def test_a_failure_mid_data_set_aborts_the_association(
+    tmp_path: Path, storage_scp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The peer holds half a message: the association is aborted, not reused for the next file."""
+    path = write(make_image(generate_uid(), size=800), tmp_path)
+    port, received = storage_scp(16384)
+
+    def first_run_then_fail(*args: Any) -> Any:
+        yield next(encode_runs(*args))
+        raise ValueError(f"{path} changed while it was being sent")
+
+    monkeypatch.setattr(store_request, "encode_runs", first_run_then_fail)
+    with pytest.raises(scu.PeerUnreachableError, match="dropped the association"):
+        send_files([FileToSend.read(path)] * 2, Peer(ae_title="RECORDED", host=LOOPBACK, port=port), "GVRNODE",
+                   timeout=10)  # fmt: skip
+    assert received == []
