@@ -1,7 +1,7 @@
 """Ingest benchmark: the node's storage SCP beside Orthanc and dcmtk ``storescp``, in one run.
 
 Why: a PACS administrator compares receivers; the node acknowledges an instance only
-after it is durable (write, fsync, link, directory fsync) and audited (a committed
+after it is durable (written, linked, file and folder fsynced) and audited (a committed
 row), Orthanc stores and indexes, ``storescp`` only writes files. All get the same
 instances from dcmtk ``storescu``, over one association and over 8 concurrent ones,
 timed from the first storescu's start to the last one's exit, with ``TCP_NODELAY=1``
