@@ -25,6 +25,7 @@ from node.inspect_instance import InstanceHeader, read_header
 from node.limits import ResourceLimits
 from node.spool import PendingWrite, Spool, SpooledFile, SpoolFullError
 from node.study_key import study_key
+from node.supervision import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,13 @@ class Ingestor:
                 spooled = self.spool.store(request.data, final, replace=True)
             try:  # returns once the row (and its study's) is committed, maybe beside other associations' rows
                 self.accepted_rows.commit(_instance_values(request, header, spooled, InstanceStatus.ACCEPTED))
-            except IntegrityError:  # accepted already: in another study, or by another node process
+            except IntegrityError as error:  # accepted already: in another study, or by another node process
                 kept = self._kept_copy(header.sop_instance_uid)
                 if kept is None or kept.spool_path == str(final):
-                    raise
+                    # another writer's row names this very file (or the conflict is not the instance's):
+                    # nothing of ours is durable and audited, so the sender must try again
+                    log.error("audit write failed, instance refused (0xA700): %s", describe_error(error))
+                    return StoreStatus.OUT_OF_RESOURCES
                 final.unlink(missing_ok=True)  # this copy goes to quarantine, never beside the kept one
                 return self._record_copy(request, header, spooled, kept)
             except (SQLAlchemyError, GroupCommitInterruptedError) as error:

@@ -198,13 +198,14 @@ class PendingWrite:
         """
         digest = self._claim(final)
         tmp = self._outcome(self.written)
+        ours = tmp.stat().st_ino  # the link shares it: on failure, remove the name only while it is still ours
         created = self._link(tmp, final, replace=False)
         if created:
             try:
                 _fsync_dir(final.parent)
                 self._outcome(self.flushed)
             except BaseException:
-                final.unlink(missing_ok=True)  # never durable: nothing may find it and take it as received
+                _unlink_if_inode(final, ours)  # never durable: nothing may find it and take it as received
                 raise
         return SpooledFile(final, digest, len(self.data), created)
 
@@ -232,6 +233,15 @@ class PendingWrite:
                 return self.spool._publish(tmp, final, replace)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _unlink_if_inode(path: Path, inode: int) -> None:
+    """Remove ``path`` unless another writer (a second node process on this spool) has replaced it since."""
+    try:
+        if path.stat().st_ino == inode:
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 @contextmanager

@@ -145,3 +145,43 @@ def test_publish_names_nothing_when_the_data_fsync_fails(tmp_path: Path, monkeyp
     with pytest.raises(OSError, match="injected"):
         spool.store(b"lost", final)
     assert not final.exists() and list(spool.tmp.iterdir()) == []
+
+
+def test_failed_flush_leaves_a_name_another_writer_replaced(ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second node process on the spool replaced the early-linked name before our fsync failed: its file stays."""
+    request, ds = _request()
+    final = ingestor.spool.instance_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    ingestor.spool._ensure_folder(final.parent)
+    theirs = b"the other writer's whole copy"
+
+    def fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode) and final.exists() and final.read_bytes() != theirs:
+            other = final.with_suffix(".other")
+            other.write_bytes(theirs)
+            os.replace(other, final)  # what the other process's leftover replacement does
+            raise OSError(errno.EIO, "injected fsync failure")
+        _real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert ingestor.receive(request).status == StoreStatus.OUT_OF_RESOURCES
+    assert final.read_bytes() == theirs
+
+
+def test_row_committed_first_by_another_writer_is_a_refusal_not_an_error(
+    ingestor: Ingestor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process commits this instance's row (same path) between our check and our commit: 0xA700, no raise."""
+    request, ds = _request()
+    final = ingestor.spool.instance_path(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID))
+    commit = ingestor.accepted_rows.commit
+
+    def other_process_first(row: dict[str, object]) -> None:
+        with ingestor.audit.session() as session:
+            session.add(Instance(**{**row, "association_id": None}))
+        commit(row)  # now breaks the unique SOP instance UID
+
+    monkeypatch.setattr(ingestor.accepted_rows, "commit", other_process_first)
+    assert ingestor.receive(request).status == StoreStatus.OUT_OF_RESOURCES
+    rows = _rows(ingestor, request.sop_instance_uid)
+    assert [(status, path) for status, _, path in rows] == [(InstanceStatus.ACCEPTED, str(final))]
+    assert final.exists()  # the other writer's row names it: never removed by the refused copy
