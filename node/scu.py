@@ -30,6 +30,7 @@ from node.config import Peer
 from node.reactor_gate import hold_reactor, install
 from node.scp import set_nodelay
 from node.store_file import send_file
+from node.store_request import DataSetReadError
 
 log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
@@ -87,7 +88,7 @@ def associate(peer: Peer, calling_ae: str, contexts: list[Any], timeout: float =
     try:
         yield assoc
     finally:
-        if assoc.is_established and hold_reactor(assoc):
+        if _usable(assoc) and hold_reactor(assoc):
             assoc.release()
         else:
             assoc.abort()
@@ -119,25 +120,56 @@ def send_files(
         contexts = sorted({(f.sop_class_uid, f.transfer_syntax) for f in batch})
         requested = [build_context(sop_class, [syntax]) for sop_class, syntax in contexts]
         with associate(peer, calling_ae, requested, timeout) as assoc:
-            for item in batch:
-                result = _store_one(assoc, item)
+            for item, result in _store_batch(assoc, batch, peer):
                 results.append(result)
                 if on_result is not None:
                     on_result(item, result)
-                if not assoc.is_established:
-                    raise PeerUnreachableError(f"{peer} dropped the association after {item.path.name}")
     return results
 
 
+def _store_batch(assoc: Association, batch: list[FileToSend], peer: Peer) -> Iterator[tuple[FileToSend, SendResult]]:
+    """Each file's result, in order, on one association.
+
+    Raises ``PeerUnreachableError`` once the association has ended under us; after our
+    own abort (a file that could not be read part way through) the rest are failed, not sent.
+    """
+    aborted_for: str | None = None
+    for item in batch:
+        if aborted_for is not None:
+            yield item, SendResult(item.path, None, f"not sent: the association was aborted because {aborted_for}")
+            continue
+        try:
+            result = _store_one(assoc, item)
+        except DataSetReadError as error:  # ours, not the peer's: the audit row names the file and the OS error
+            yield item, SendResult(item.path, None, str(error))
+            if not _usable(assoc):
+                aborted_for = f"local file {item.path.name} could not be read part way through its data set"
+            continue
+        yield item, result
+        if not _usable(assoc):
+            raise PeerUnreachableError(f"{peer} dropped the association after {item.path.name}")
+
+
+def _usable(assoc: Association) -> bool:
+    """Established and its DUL thread alive: after the peer's A-ABORT or a closed connection the DUL
+    ends, but ``is_established`` stays True (pynetdicom's reactor is held in its gate and never sees it)."""
+    return bool(assoc.is_established and assoc.dul.is_alive())
+
+
 def _store_one(assoc: Association, item: FileToSend) -> SendResult:
-    if not hold_reactor(assoc):  # the reactor ended: so did the association
+    if not assoc.dul.is_alive() or not hold_reactor(assoc):  # the DUL or the reactor ended: so did the association
         return SendResult(item.path, None, "the association ended before this C-STORE")
     try:
         response = send_file(assoc, item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax)
+    except DataSetReadError:
+        raise
     except (ValueError, OSError) as error:
         return SendResult(item.path, None, str(error))
     status = int(response.Status) if "Status" in response else None
-    return SendResult(item.path, status, None if status is not None else "no response")
+    if status is None:
+        ended = "" if assoc.dul.is_alive() else ": the association ended during this C-STORE"
+        return SendResult(item.path, None, f"no response{ended}")
+    return SendResult(item.path, status, None)
 
 
 def _batches_by_context(files: list[FileToSend]) -> Iterator[list[FileToSend]]:

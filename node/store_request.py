@@ -24,13 +24,14 @@ yielding pre-encoded PDUs and the DUL writing them without a state machine pass 
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections import deque
 from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 from pynetdicom import evt
 from pynetdicom._handlers import standard_pdu_sent_handler
@@ -47,27 +48,82 @@ _PDU_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, item l
 P_DATA_TF_TYPE = 0x04
 LAST_COMMAND_FRAGMENT = 0x03
 DATA_FRAGMENT, LAST_DATA_FRAGMENT = 0x00, 0x02  # message control headers (PS3.8 E.2)
+SOURCE_ATTRIBUTE = "_gvr_dataset_source"  # on a C_STORE primitive: the DataSetSource to send (attach)
+
+
+class DataSetReadError(OSError):
+    """A data set file could not be read whole, as it was when its C-STORE began: a local fault, not the peer's."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"could not read local file {path}: {reason}")
+        self.path = path
+
+
+def os_reason(error: OSError) -> str:
+    """``[Errno 13] Permission denied``: the OS error without the file name (the message names it once)."""
+    return f"[Errno {error.errno}] {error.strerror}" if error.errno is not None else str(error)
 
 
 class DataSetSource:
-    """The encoded data set of a C-STORE request: a file from an offset (``send_c_store(path)``) or memory."""
+    """The encoded data set of a C-STORE request: a file from an offset (``send_c_store(path)``) or memory.
 
-    def __init__(self, length: int, path: Path | None = None, offset: int = 0, memory: memoryview | None = None):
-        self.length, self.path, self.offset, self.memory = length, path, offset, memory
+    A file is read through one descriptor, opened before its length is taken (``os.fstat``); after
+    the last piece it must be at its end and still the file at ``path``, unchanged, or
+    ``chunks`` raises ``DataSetReadError``: a file replaced or rewritten meanwhile is never sent cut short.
+    """
+
+    def __init__(
+        self, length: int, path: Path | None = None, offset: int = 0, memory: memoryview | None = None,
+        file: BinaryIO | None = None,
+    ) -> None:  # fmt: skip
+        self.length, self.path, self.offset, self.memory, self.file = length, path, offset, memory, file
+        self._owns_file = False
+        self._identity = _identity(os.fstat(file.fileno())) if file is not None else (0, 0, 0, 0)
 
     @classmethod
     def of(cls, primitive: Any) -> DataSetSource | None:
-        """Where the primitive's data set is, or None when it has none (or an unusual one)."""
+        """Where the primitive's data set is, or None when it has none (or an unusual one).
+
+        As in pynetdicom's ``encode_msg``, a ``DataSet`` wins over ``_dataset_path`` when both are set;
+        a source ``attach``-ed by ``node.store_file`` (an open file) wins over the path it names.
+        """
+        data_set = getattr(primitive, "DataSet", None)
+        if data_set is not None:
+            if not isinstance(data_set, BytesIO):
+                return None
+            memory = data_set.getbuffer()
+            return cls(len(memory), memory=memory) if len(memory) else None
+        attached = getattr(primitive, SOURCE_ATTRIBUTE, None)
+        if isinstance(attached, DataSetSource):
+            return attached if attached.length > 0 else None
         dataset_path = getattr(primitive, "_dataset_path", None)
-        if dataset_path:
-            path, offset = Path(dataset_path[0]), int(dataset_path[1])
-            source = cls(path.stat().st_size - offset, path, offset)
-        elif isinstance(primitive.DataSet, BytesIO):
-            memory = primitive.DataSet.getbuffer()
-            source = cls(len(memory), memory=memory)
-        else:
+        if not dataset_path:
             return None
-        return source if source.length > 0 else None
+        source = cls.open(Path(dataset_path[0]), int(dataset_path[1]))
+        if source.length > 0:
+            return source
+        source.close()
+        return None
+
+    @classmethod
+    def open(cls, path: Path, offset: int) -> DataSetSource:
+        """The data set of the file at ``path`` from ``offset``, through a descriptor this source owns (``close``)."""
+        try:
+            file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close() or at the end of chunks()
+        except OSError as error:
+            raise DataSetReadError(path, os_reason(error)) from error
+        source = cls.from_file(file, path, offset)
+        source._owns_file = True
+        return source
+
+    @classmethod
+    def from_file(cls, file: BinaryIO, path: Path, offset: int) -> DataSetSource:
+        """The data set of an open file from ``offset``; its length from the same descriptor (the caller closes it)."""
+        return cls(os.fstat(file.fileno()).st_size - offset, path, offset, file=file)
+
+    def close(self) -> None:
+        if self._owns_file and self.file is not None:
+            self.file.close()
 
     def chunks(self, size: int) -> Iterator[memoryview]:
         """The data set in pieces of ``size`` bytes (the last one shorter)."""
@@ -75,15 +131,47 @@ class DataSetSource:
             for start in range(0, self.length, size):
                 yield self.memory[start : start + size]
             return
-        if self.path is None:
+        if self.file is None or self.path is None:
             raise ValueError("a data set source needs a file or memory")
-        with open(self.path, "rb", buffering=0) as file:
+        try:
+            yield from self._file_chunks(self.file, self.path, size)
+        finally:
+            self.close()
+
+    def _file_chunks(self, file: BinaryIO, path: Path, size: int) -> Iterator[memoryview]:
+        try:
             file.seek(self.offset)
             for start in range(0, self.length, size):
-                piece = file.read(min(size, self.length - start))
-                if len(piece) != min(size, self.length - start):
-                    raise ValueError(f"{self.path} changed while it was being sent")
+                want = min(size, self.length - start)
+                piece = file.read(want)
+                if len(piece) != want:
+                    raise DataSetReadError(path, f"it ended after {self.offset + start + len(piece)} of "
+                                                 f"{self.offset + self.length} bytes (changed while it was sent)")
+                if start + want == self.length:
+                    self._check_unchanged(file, path)  # before the last piece: the peer never holds it whole
                 yield memoryview(piece)
+        except DataSetReadError:
+            raise
+        except OSError as error:
+            raise DataSetReadError(path, os_reason(error)) from error
+
+    def _check_unchanged(self, file: BinaryIO, path: Path) -> None:
+        """At the data set's end: nothing more to read, same size and time, and still the file at ``path``."""
+        grown = file.read(1) != b""
+        now = _identity(os.fstat(file.fileno()))
+        on_disk = os.stat(path)
+        if grown or now != self._identity or (on_disk.st_dev, on_disk.st_ino) != now[:2]:
+            raise DataSetReadError(path, "it was replaced or changed while it was being sent")
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells a file's version apart: device, inode, size, modification time."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def attach(primitive: Any, source: DataSetSource) -> None:
+    """Have ``StoreRequestDIMSE`` send ``source`` (an open file) as the primitive's data set."""
+    setattr(primitive, SOURCE_ATTRIBUTE, source)
 
 
 def encode_runs(source: DataSetSource, context_id: int, max_pdu_length: int) -> Iterator[bytearray]:
@@ -148,6 +236,8 @@ class StoreRequestDIMSE(DIMSEServiceProvider):
         source = self._run_source(primitive, max_pdu_length)
         dul = self.dul
         if source is None or not isinstance(dul, RunSendingDUL):
+            if source is not None:
+                source.close()
             super().send_msg(primitive, context_id)
             return
         message = C_STORE_RQ()
@@ -164,6 +254,8 @@ class StoreRequestDIMSE(DIMSEServiceProvider):
         except BaseException:
             self.assoc.abort()  # the peer holds half a message: nothing later on this association could be read
             raise
+        finally:
+            source.close()
 
     def _run_source(self, primitive: Any, max_pdu_length: int) -> DataSetSource | None:
         """The data set to send as runs, or None for pynetdicom's path (see the module docstring)."""

@@ -23,7 +23,7 @@ from node import scu, store_request
 from node.config import Peer
 from node.results.build import outbox_path, prepare_outbox
 from node.scu import FileToSend, send_files
-from node.store_request import RUN_BYTES, DataSetSource, encode_runs, quiet_sent_events
+from node.store_request import RUN_BYTES, DataSetReadError, DataSetSource, encode_runs, quiet_sent_events
 from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_results import make_fake_job
 from tests.peers import LOOPBACK
@@ -257,10 +257,12 @@ def test_a_failure_mid_data_set_aborts_the_association(
 
     def first_run_then_fail(*args: Any) -> Any:
         yield next(encode_runs(*args))
-        raise ValueError(f"{path} changed while it was being sent")
+        raise DataSetReadError(path, "it was replaced or changed while it was being sent")
 
     monkeypatch.setattr(store_request, "encode_runs", first_run_then_fail)
-    with pytest.raises(scu.PeerUnreachableError, match="dropped the association"):
-        send_files([FileToSend.read(path)] * 2, Peer(ae_title="RECORDED", host=LOOPBACK, port=port), "GVRNODE",
-                   timeout=10)  # fmt: skip
+    results = send_files([FileToSend.read(path)] * 2, Peer(ae_title="RECORDED", host=LOOPBACK, port=port), "GVRNODE",
+                         timeout=10)  # fmt: skip
+    assert [r.status for r in results] == [None, None]  # ours, not the peer's: no PeerUnreachableError
+    assert results[0].error is not None and results[0].error.startswith(f"could not read local file {path}")
+    assert results[1].error is not None and results[1].error.startswith("not sent: the association was aborted")
     assert received == []
