@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,13 +26,15 @@ from node.audit.models import Instance, InstanceStatus, Study, StudyState
 from node.scp import set_nodelay
 from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_node_process import NodeProcess, _jobs_for, _wait_for
+from tests.peers import free_port
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT (Linux)")
 
 
 @pytest.fixture
 def two_process_node(tmp_path: Path) -> Iterator[NodeProcess]:
-    node = NodeProcess(tmp_path, scp_processes="2", study_stable_seconds="3600", release_quiet_seconds="0.5")
+    node = NodeProcess(tmp_path, scp_processes="2", study_stable_seconds="3600", release_quiet_seconds="0.5",
+                       metrics_port=str(free_port()))  # fmt: skip
     node.start()
     _wait_for(lambda: "SCP process(es) listening beside gvr node" in node.log.read_text(), 60, "the SCP process")
     yield node
@@ -191,6 +194,10 @@ def test_one_sop_instance_sent_at_once_over_many_associations(two_process_node: 
         mine = [row.status for row in rows if row.sop_instance_uid == sop_uid]
         assert sorted(mine) == sorted([InstanceStatus.ACCEPTED] + [InstanceStatus.DUPLICATE] * (len(opened) - 1))
     assert all(Path(str(row.spool_path)).is_file() for row in rows)
+    # /metrics (the parent's) counts the C-STOREs the SCP process answered too
+    url = f"http://127.0.0.1:{node.env['GVR_METRICS_PORT']}/metrics"
+    expected = f"gvr_instances_received_total {float(len(paths) * len(opened))}"
+    _wait_for(lambda: expected in urllib.request.urlopen(url, timeout=5).read().decode(), 5, expected)
 
 
 def test_a_killed_scp_process_is_restarted_and_the_port_keeps_accepting(
