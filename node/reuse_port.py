@@ -22,6 +22,8 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
     allow_reuse_port = True
 
     def server_bind(self) -> None:
+        if self.socket is None:
+            raise RuntimeError("the association server has no socket to bind")
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 

@@ -218,13 +218,16 @@ def test_a_killed_scp_process_is_restarted_and_the_port_keeps_accepting(
     assert f"SCP process 1 (pid {child}) ended with exit code -9" in node.log.read_text()
     restarted = [pid for pid in child_pids(node.proc.pid) if pid != child]
     assert len(restarted) == 1
-    for _ in range(12):  # both processes serve again
+    seen = []
+    for _ in range(24):  # both processes serve again
         assoc, pid = open_association(node)
         assoc.release()
+        seen.append(pid)
         if pid in restarted:
             break
     else:
-        pytest.fail("the restarted SCP process served none of 12 associations")
+        pytest.fail(f"the restarted SCP process {restarted} served none of 24 associations ({seen}); "
+                    f"children now {child_pids(node.proc.pid)}; log:\n{node.log.read_text()[-3000:]}")
 
 
 def test_stopping_the_node_leaves_no_scp_process(two_process_node: NodeProcess) -> None:
