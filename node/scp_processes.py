@@ -125,13 +125,13 @@ class StoreTally:
 
 
 def scp_process_main(settings: Settings, index: int, conn: Connection, parent_pid: int) -> None:
-    """An SCP process: serve until SIGTERM/SIGINT or until the parent is gone."""
+    """An SCP process: serve until SIGTERM (from the parent) or until the parent is gone."""
     from node.cli.common import setup_logging
 
     setup_logging()
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # the parent's stop()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides and stops us
     link = ParentLink(conn)
     audit = AuditDB(settings.audit_url)
     spool = Spool(settings.spool_dir, settings.min_free_disk_mb * MB, owner=process_owner(f"node-scp{index}"))
