@@ -91,7 +91,14 @@ class Settings(BaseSettings):
     allowed_peer_ips: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="peer IP addresses accepted; empty accepts any"
     )
-    max_associations: int = Field(16, ge=1, description="concurrent associations the SCP serves")
+    max_associations: int = Field(
+        16, ge=1, description="concurrent associations the SCP serves, per SCP process (scp_processes)"
+    )
+    scp_processes: int = Field(
+        1, ge=1, le=64, description="storage SCP processes on the port (SO_REUSEPORT, Linux spreads connections): "
+        "above 1, concurrent associations use more cores; max_associations applies to each; a dead one is "
+        "restarted; /metrics counts every process's C-STOREs"
+    )
     max_pdu_size: int = Field(0, ge=0, description="maximum PDU we receive; 0 is unlimited (fastest)")
     network_timeout: float = Field(60.0, gt=0, description="seconds an idle association may stay open")
     dimse_timeout: float = Field(30.0, gt=0, description="seconds to wait for a DIMSE message")

@@ -12,6 +12,8 @@ and gets an ``instance.conflict`` event with both hashes.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import zlib
 from collections.abc import Iterator
@@ -27,17 +29,34 @@ _STRIPES = 256
 class SopInstanceLocks:
     """Striped locks keyed by SOP Instance UID: bounded memory, and copies of one UID never overlap.
 
-    Guards one node process; the audit DB's unique index on accepted SOP instances still
-    guards against a second process writing the same spool.
+    Guards one node process; with ``lock_dir`` (issue 12: ``scp_processes`` above 1) each
+    stripe is also an ``fcntl.flock`` on ``<lock_dir>/<stripe>.lock``, so the SCP processes
+    sharing a spool serialise the same section. The audit DB's unique index on accepted SOP
+    instances still guards against another node writing the same spool.
     """
 
-    def __init__(self, stripes: int = _STRIPES) -> None:
+    def __init__(self, stripes: int = _STRIPES, lock_dir: Path | None = None) -> None:
         self._locks = [threading.Lock() for _ in range(stripes)]
+        self._lock_dir = lock_dir
+        self._files: dict[int, int] = {}  # stripe -> open lock file descriptor (opened under its stripe's lock)
+        if lock_dir is not None:
+            lock_dir.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
     def hold(self, sop_instance_uid: str) -> Iterator[None]:
-        with self._locks[zlib.crc32(sop_instance_uid.encode("ascii", "replace")) % len(self._locks)]:
-            yield
+        stripe = zlib.crc32(sop_instance_uid.encode("ascii", "replace")) % len(self._locks)
+        with self._locks[stripe]:
+            if self._lock_dir is None:
+                yield
+                return
+            fd = self._files.get(stripe)
+            if fd is None:
+                fd = self._files[stripe] = os.open(self._lock_dir / f"{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the thread lock is held: one flock per stripe and process
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 @dataclass(frozen=True)

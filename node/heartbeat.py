@@ -48,6 +48,9 @@ def supervised_threads(service: Any) -> dict[str, bool]:
     from node.supervision import SupervisedLoop
 
     threads = {"storage SCP": getattr(service.scp, "_server", None) is not None}
+    children = getattr(service, "scp_children", None)  # issue 12: scp_processes > 1
+    if children is not None:
+        threads.update(children.alive())
     for owner in vars(service).values():
         loop = getattr(owner, "loop", None)
         if isinstance(loop, SupervisedLoop):

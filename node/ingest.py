@@ -56,12 +56,19 @@ class IngestResult:
 class Ingestor:
     """Spool + audit for received instances; holds no per-instance state."""
 
-    def __init__(self, spool: Spool, audit: AuditDB, actor: str, limits: ResourceLimits | None = None) -> None:
+    def __init__(
+        self,
+        spool: Spool,
+        audit: AuditDB,
+        actor: str,
+        limits: ResourceLimits | None = None,
+        locks: SopInstanceLocks | None = None,
+    ) -> None:
         self.spool = spool
         self.audit = audit
         self.actor = actor
         self.limits = limits or ResourceLimits()
-        self.locks = SopInstanceLocks()
+        self.locks = locks or SopInstanceLocks()  # issue 12: across processes with scp_processes > 1
         # issue 12: instances arriving on concurrent associations share one audit transaction
         self.accepted_rows = GroupCommit(audit, write_accepted_rows)
 

@@ -19,7 +19,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.audit.db import AuditDB
 from node.audit.models import Delivery, DeliveryStatus, Job, JobState
 from node.config import Settings
+from node.duplicates import SopInstanceLocks
 from node.errors import StoreStatus
 from node.ingest import Ingestor, IngestResult, StoreRequest
 from node.limits import ResourceLimits
@@ -78,6 +79,16 @@ class NodeMetrics:
         except Exception:  # monitoring is best effort; ingest goes on whatever happens here
             log.exception("could not count a C-STORE in the metrics")
 
+    def count_stores(self, counts: dict[int, int]) -> None:
+        """C-STOREs another SCP process answered (issue 12: ``scp_processes``), as ``{status: how many}``."""
+        try:
+            for status, how_many in counts.items():
+                self.instances_received.inc(how_many)
+                if status != StoreStatus.SUCCESS:
+                    self.instances_rejected.labels(status=_status_name(status)).inc(how_many)
+        except Exception:  # monitoring is best effort
+            log.exception("could not count forwarded C-STOREs in the metrics")
+
     def serve(self, address: str, port: int) -> int | None:
         """Serve ``/metrics`` on address:port in a daemon thread; returns the port, None if it failed.
 
@@ -108,13 +119,25 @@ def _status_name(status: int) -> str:
         return f"0x{int(status):04X}"
 
 
+class StoreCounter(Protocol):
+    """What ``CountingIngestor`` tells of each answered C-STORE (``NodeMetrics``, or an SCP process's tally)."""
+
+    def count_store(self, result: IngestResult) -> None: ...
+
+
 class CountingIngestor(Ingestor):
     """The node's ``Ingestor`` that also counts each answer (the SCP needs no change)."""
 
     def __init__(
-        self, spool: Spool, audit: AuditDB, actor: str, metrics: NodeMetrics, limits: ResourceLimits | None = None
+        self,
+        spool: Spool,
+        audit: AuditDB,
+        actor: str,
+        metrics: StoreCounter,
+        limits: ResourceLimits | None = None,
+        locks: SopInstanceLocks | None = None,
     ) -> None:
-        super().__init__(spool, audit, actor, limits)
+        super().__init__(spool, audit, actor, limits, locks)
         self.metrics = metrics
 
     def receive(self, request: StoreRequest) -> IngestResult:

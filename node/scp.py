@@ -34,6 +34,7 @@ from node.limits import MB
 from node.message_cap import RefusedMessage
 from node.message_cap import install as install_message_cap
 from node.pdu_deadline import install
+from node.reuse_port import ReusePortAE
 from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from node.supervision import describe_error
 
@@ -351,7 +352,8 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def build_ae(settings: Settings) -> AE:
-    ae = AE(ae_title=settings.ae_title)
+    # issue 12: with several SCP processes, each binds the port with SO_REUSEPORT
+    ae = (ReusePortAE if settings.scp_processes > 1 else AE)(ae_title=settings.ae_title)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.network_timeout = settings.network_timeout

@@ -15,6 +15,7 @@ from node.limits import ResourceLimits
 from node.metrics import CountingIngestor, NodeMetrics
 from node.reconciler import Reconciler
 from node.scp import AssociationLog, StorageSCP
+from node.scp_processes import ScpProcesses, shared_locks
 from node.spool import Spool
 from node.supervision import ServiceThreadDiedError
 
@@ -37,13 +38,20 @@ class NodeService:
         # issue 10: the audit DB drives recovery; this loop re-publishes every overdue job
         self.reconciler = Reconciler(settings, self.audit, lambda job: enqueue_analysis(self.celery, job),
                                      lambda job: enqueue_delivery(self.celery, job), actor)  # fmt: skip
+        # issue 12: scp_processes > 1 adds SCP processes on the same port; the same-UID lock spans them
+        locks = shared_locks(settings) if settings.scp_processes > 1 else None
+        limits = ResourceLimits.from_settings(settings)
         self.scp = StorageSCP(
             settings,
-            CountingIngestor(self.spool, self.audit, actor, self.metrics, ResourceLimits.from_settings(settings)),
+            CountingIngestor(self.spool, self.audit, actor, self.metrics, limits, locks),
             AssociationLog(self.audit, actor),
             on_release=self.assembler.mark_released,
         )
         self.assembler.in_flight = self.scp.associations.studies_in_flight
+        self.scp_children: ScpProcesses | None = None
+        if settings.scp_processes > 1:
+            self.scp_children = ScpProcesses(settings, self.assembler.mark_released, self.metrics.count_stores)
+            self.assembler.in_flight = self._studies_in_flight
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.thread_died = threading.Event()
@@ -60,6 +68,8 @@ class NodeService:
         if removed:
             log.info("removed %d partial write(s) left by an earlier crash", removed)
         self.port = self.scp.start()
+        if self.scp_children is not None:
+            self.scp_children.start(self.port)
         self.assembler.start(on_death=self._on_thread_death)
         self.reconciler.start(on_death=self._on_thread_death)
         self.heartbeat.start()
@@ -69,11 +79,18 @@ class NodeService:
 
     def stop(self) -> None:
         self.heartbeat.stop(f"thread(s) died: {', '.join(self.dead_threads)}" if self.dead_threads else "stopped")
+        if self.scp_children is not None:
+            self.scp_children.stop()
         self.scp.stop()
         self.assembler.stop()
         self.reconciler.stop()
         self.metrics.stop()
         self.audit.dispose()
+
+    def _studies_in_flight(self) -> set[str]:
+        """Studies an open association sends, in this process or an SCP process (issue 12)."""
+        assert self.scp_children is not None
+        return self.scp.associations.studies_in_flight() | self.scp_children.in_flight()
 
     def run_until(self, stop: threading.Event, check_seconds: float = 0.5) -> None:
         """Serve until ``stop`` is set; raises ServiceThreadDiedError when a supervised thread died."""
