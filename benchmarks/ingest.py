@@ -47,6 +47,7 @@ SEND_TIMEOUT_S = 600.0
 CONCURRENT = 8
 SERIAL_FLUSHES = 2  # the file and its folder entry (fsynced together), then the audit commit
 NODE_SQLITE, NODE_POSTGRES = "node (SQLite)", "node (PostgreSQL)"
+NODE_TWO_PROCESSES = "node (SQLite, 2 SCP processes)"  # GVR_SCP_PROCESSES=2, opt-in
 DOC_BEGIN, DOC_END = "<!-- bench-ingest results: begin -->", "<!-- bench-ingest results: end -->"
 
 
@@ -221,7 +222,7 @@ def report(runs: list[Run], count: int, conditions: list[str]) -> str:
                 lines.append(f"| {receiver} | {mode} | {median_rate(chosen):.1f} | {each} | {cpu:.2f} |")
     lines += ["", "| ratio (instances/s) | " + " | ".join(f"{mode} assoc." for mode in modes) + " |",
               "| --- |" + " ---: |" * len(modes)]  # fmt: skip
-    for node in (NODE_SQLITE, NODE_POSTGRES):
+    for node in (NODE_SQLITE, NODE_POSTGRES, NODE_TWO_PROCESSES):
         for peer in ("Orthanc", "storescp"):
             cells = [_ratio(runs, node, peer, mode) for mode in modes]
             if any(cells):
@@ -280,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=3, help="runs per receiver and mode (median reported)")
     parser.add_argument("--associations", type=int, nargs="+", default=[1, CONCURRENT],
                         help="modes: concurrent associations per run")  # fmt: skip
-    parser.add_argument("--only", nargs="+", choices=("node", "postgres", "orthanc", "storescp"), default=None,
-                        help="benchmark these receivers only")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=("node", "postgres", "node2", "orthanc", "storescp"),
+                        default=None,
+                        help="benchmark these receivers only (node2: the node with GVR_SCP_PROCESSES=2)")  # fmt: skip
     parser.add_argument("--markdown", type=Path, default=None,
                         help="write the results table into this file's bench-ingest results block")  # fmt: skip
     parser.add_argument(
@@ -308,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     except DcmtkNotFound as error:
         print(error, file=sys.stderr)
         return 2
-    wanted = set(args.only or ("node", "postgres", "orthanc", "storescp"))
+    wanted = set(args.only or ("node", "postgres", "node2", "orthanc", "storescp"))
     if "orthanc" in wanted and not orthanc_installed():
         print("Orthanc not found: apt-get install orthanc (or leave it out with --only)", file=sys.stderr)
         return 2
@@ -323,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         receivers: list[Receiver] = [
             receiver
             for key, receiver in (("node", NodeReceiver(NODE_SQLITE)), ("postgres", postgres),
+                                  ("node2", NodeReceiver(NODE_TWO_PROCESSES, scp_processes=2)),
                                   ("orthanc", OrthancReceiver()), ("storescp", StorescpReceiver()))
             if key in wanted and receiver is not None
         ]  # fmt: skip

@@ -141,9 +141,10 @@ class NodeReceiver:
     With PostgreSQL each run gets a database of its own (``gvr_test_<hex>``), dropped after it.
     """
 
-    def __init__(self, name: str, postgres: PostgresServer | None = None) -> None:
+    def __init__(self, name: str, postgres: PostgresServer | None = None, scp_processes: int = 1) -> None:
         self.name = name
         self.postgres = postgres
+        self.scp_processes = scp_processes  # issue 12: GVR_SCP_PROCESSES (opt-in; 1 is the default)
         self._kept: tuple[dict[str, int], int] = ({}, 0)
 
     @contextmanager
@@ -159,6 +160,7 @@ class NodeReceiver:
             "GVR_BIND_ADDRESS": "127.0.0.1",
             "GVR_AE_TITLE": NODE_AET,
             "GVR_STUDY_STABLE_SECONDS": "3600",  # ingest only: no jobs queued while we measure
+            "GVR_SCP_PROCESSES": str(self.scp_processes),
             **({"GVR_DATABASE_URL": url} if url else {}),
         }
         try:

@@ -80,6 +80,24 @@ def serving_pid(node: NodeProcess, client_port: int) -> int | None:
     return None
 
 
+def listening_pids(node: NodeProcess) -> set[int]:
+    """The node's processes holding a socket that listens on the node's port."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == node.port:
+            inodes.add(f"socket:[{fields[9]}]")
+    assert node.proc is not None
+    pids = set()
+    for pid in [node.proc.pid, *child_pids(node.proc.pid)]:
+        try:
+            if {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()} & inodes:
+                pids.add(pid)
+        except OSError:
+            continue
+    return pids
+
+
 def open_association(node: NodeProcess) -> tuple[Association, int | None]:
     ae = AE(ae_title="GVRSCU")
     ae.add_requested_context(DX_FOR_PRESENTATION, "1.2.840.10008.1.2.1")
@@ -218,15 +236,19 @@ def test_a_killed_scp_process_is_restarted_and_the_port_keeps_accepting(
     assert f"SCP process 1 (pid {child}) ended with exit code -9" in node.log.read_text()
     restarted = [pid for pid in child_pids(node.proc.pid) if pid != child]
     assert len(restarted) == 1
+    # it holds a listening socket of the port's SO_REUSEPORT group: Linux hands it connections (which
+    # ones depends on a hash of the client's address and port, so waiting for one would be a lottery)
+    _wait_for(lambda: restarted[0] in listening_pids(node), 10, "the restarted SCP process's listening socket")
+    assert node.proc.pid in listening_pids(node)
     seen = []
-    for _ in range(24):  # both processes serve again
+    for _ in range(40):  # and it is handed connections: 40 misses would be a 1 in 10^12 draw
         assoc, pid = open_association(node)
         assoc.release()
         seen.append(pid)
         if pid in restarted:
             break
     else:
-        pytest.fail(f"the restarted SCP process {restarted} served none of 24 associations ({seen}); "
+        pytest.fail(f"the restarted SCP process {restarted} served none of 40 associations ({seen}); "
                     f"children now {child_pids(node.proc.pid)}; log:\n{node.log.read_text()[-3000:]}")
 
 
