@@ -122,6 +122,19 @@ def running(
                 process.wait()
 
 
+SCP_PROCESSES_READY = "SCP process(es) listening beside gvr node"  # node.scp_processes logs it once all listen
+READY_TIMEOUT_S = 120.0
+
+
+def wait_for_log(log: Path, line: str, process: subprocess.Popen[bytes]) -> None:
+    """Wait until ``log`` holds ``line``; fail if ``process`` ends or it takes over ``READY_TIMEOUT_S``."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while line not in log.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"receiver never logged {line!r}; see {log}")
+        time.sleep(0.05)
+
+
 def nodelay_env() -> dict[str, str]:
     """dcmtk and Orthanc lose ~40 ms per exchange to Nagle's algorithm on loopback without it."""
     return {**os.environ, "TCP_NODELAY": "1"}
@@ -165,6 +178,8 @@ class NodeReceiver:
         }
         try:
             with running(node_command(), env, port, work / "node.log") as node:
+                if self.scp_processes > 1:  # the parent listens first; measure once every SCP process does
+                    wait_for_log(work / "node.log", SCP_PROCESSES_READY, node)
                 yield Listening(NODE_AET, port, node.pid)
             self._kept = (_statuses(url or f"sqlite:///{data / 'audit.sqlite3'}"), _files(data))
         finally:
