@@ -55,7 +55,8 @@ def uid_to_filename(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_folder(path: Path) -> None:
+    """Make the entries of folder ``path`` (a new or renamed name in it) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -139,7 +140,7 @@ class Spool:
         if folder in self._folders:
             return
         folder.mkdir(parents=True, exist_ok=True)
-        _fsync_dir(folder.parent)
+        fsync_folder(folder.parent)
         if len(self._folders) >= _MAX_KNOWN_FOLDERS:
             self._folders.clear()  # bounded memory; a forgotten folder only costs one more fsync
         self._folders.add(folder)
@@ -184,7 +185,7 @@ class PendingWrite:
             raise
         created = self._link(tmp, final, replace)
         if created:
-            _fsync_dir(final.parent)
+            fsync_folder(final.parent)
         return SpooledFile(final, digest, len(self.data), created)
 
     def publish_then_flush(self, final: Path) -> SpooledFile:
@@ -202,7 +203,7 @@ class PendingWrite:
         created = self._link(tmp, final, replace=False)
         if created:
             try:
-                _fsync_dir(final.parent)
+                fsync_folder(final.parent)
                 self._outcome(self.flushed)
             except BaseException:
                 _unlink_if_inode(final, ours)  # never durable: nothing may find it and take it as received

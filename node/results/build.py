@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 
 from node.artefacts import ImageResult, JobResult, load_array, read_job_result
 from node.results import overlay, uids
-from node.results.outbox_file import fsync_folder, make_folder, write_dataset_file
+from node.results.outbox_file import make_folder, write_dataset_file
 from node.results.secondary_capture import (
     AlgorithmEquipment,
     ResultIdentity,
@@ -41,7 +41,7 @@ from node.results.secondary_capture import (
 from node.results.source_header import SourceRepair, clean_source_header, quiet_pydicom
 from node.results.structured_report import ReportInputs, build_report
 from node.results.uids import ObjectKind, SeriesKind
-from node.spool import Spool, uid_to_filename
+from node.spool import Spool, fsync_folder, uid_to_filename
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

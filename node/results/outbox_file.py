@@ -18,15 +18,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from node.spool import Spool, SpoolFullError
-
-
-def fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from node.spool import Spool, SpoolFullError, fsync_folder
 
 
 def make_folder(folder: Path) -> None:
