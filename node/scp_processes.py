@@ -53,7 +53,20 @@ from node.spool import Spool, process_owner
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 60.0
-RESTART_DELAY_S = 1.0
+RESTART_DELAY_S = 1.0  # after a death; doubled for each death that follows a short life, up to the cap
+RESTART_DELAY_MAX_S = 60.0
+STEADY_LIFE_S = 60.0  # a process that lived this long died of something new: back to the first delay
+
+
+def restart_delay(previous: float, lived: float) -> float:
+    """Seconds before restarting an SCP process that lived ``lived`` s; ``previous`` is the last delay (0: none).
+
+    A process that cannot serve (its port taken, a broken setting) dies at once every time:
+    backing off keeps that from becoming a restart and an error line every second for ever.
+    """
+    if previous <= 0 or lived >= STEADY_LIFE_S:
+        return RESTART_DELAY_S
+    return min(previous * 2, RESTART_DELAY_MAX_S)
 REPORT_S = 0.5
 STOP_TIMEOUT_S = 10.0
 
@@ -173,6 +186,8 @@ class _Child:
     ready: bool = False
     sending: dict[int, set[str]] = field(default_factory=dict)  # open association -> studies it sent
     start_after: float = 0.0  # monotonic time of the next start, after a death
+    started_at: float = 0.0  # monotonic time of the last start
+    delay: float = 0.0  # the last restart delay (restart_delay)
 
 
 class ScpProcesses:
@@ -279,6 +294,7 @@ class ScpProcesses:
         process.start()
         send.close()  # the parent keeps only its reading end: EOF once the process is gone
         child.process, child.conn, child.ready = process, receive, False
+        child.started_at = time.monotonic()
 
     def _drain(self, child: _Child) -> None:
         """Handle every message waiting on ``child``'s pipe."""
@@ -310,17 +326,19 @@ class ScpProcesses:
     def _on_death(self, child: _Child) -> None:
         self._drain(child)  # what it said before it ended still counts (a release)
         assert child.process is not None
-        code = child.process.exitcode
+        code, pid = child.process.exitcode, child.process.pid
+        now = time.monotonic()
+        child.delay = restart_delay(child.delay, now - child.started_at)
+        child.start_after = now + child.delay
         log.error("SCP process %d (pid %s) ended with exit code %s; its open associations are gone, "
-                  "their studies complete after study_stable_seconds; restarting it", child.index,
-                  child.process.pid, code)  # fmt: skip
+                  "their studies complete after study_stable_seconds; restarting it in %.0f s", child.index,
+                  pid, code, child.delay)  # fmt: skip
         child.process.close()
         with self._lock:
             child.sending.clear()
         if child.conn is not None:
             child.conn.close()
         child.process, child.conn, child.ready = None, None, False
-        child.start_after = time.monotonic() + RESTART_DELAY_S
 
     @staticmethod
     def _alive(child: _Child) -> bool:

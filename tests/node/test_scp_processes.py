@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from node.audit.models import Instance, InstanceStatus, Study, StudyState
 from node.scp import set_nodelay
+from node.scp_processes import RESTART_DELAY_S, STEADY_LIFE_S, restart_delay
 from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_node_process import NodeProcess, _jobs_for, _wait_for
 from tests.peers import free_port
@@ -292,3 +293,13 @@ def test_default_is_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert settings.scp_processes == 1
     assert type(build_ae(settings)) is AE
     assert isinstance(build_ae(settings.model_copy(update={"scp_processes": 2})), ReusePortAE)
+
+
+def test_restart_delay_backs_off_for_a_process_that_keeps_dying() -> None:
+    """A process that dies at once every time waits 1, 2, 4 ... up to 60 s; one that lived long starts over at 1 s."""
+    delays, delay = [], 0.0
+    for _ in range(8):
+        delay = restart_delay(delay, lived=0.5)
+        delays.append(delay)
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    assert restart_delay(60.0, lived=STEADY_LIFE_S) == RESTART_DELAY_S
