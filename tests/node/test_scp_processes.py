@@ -233,13 +233,14 @@ def test_a_killed_scp_process_is_restarted_and_the_port_keeps_accepting(
         assoc, _ = open_association(node)
         assert send(assoc, [path]) == [0]
         assoc.release()
-    _wait_for(lambda: node.log.read_text().count(") listening") >= 2, 30, "the restarted SCP process to listen")
+    # a new SCP process (not a log line: "SCP process(es) listening" at start-up reads alike)
+    _wait_for(lambda: [pid for pid in child_pids(node.proc.pid) if pid != child], 30, "the restarted SCP process")
     assert f"SCP process 1 (pid {child}) ended with exit code -9" in node.log.read_text()
     restarted = [pid for pid in child_pids(node.proc.pid) if pid != child]
     assert len(restarted) == 1
     # it holds a listening socket of the port's SO_REUSEPORT group: Linux hands it connections (which
     # ones depends on a hash of the client's address and port, so waiting for one would be a lottery)
-    _wait_for(lambda: restarted[0] in listening_pids(node), 10, "the restarted SCP process's listening socket")
+    _wait_for(lambda: restarted[0] in listening_pids(node), 60, "the restarted SCP process's listening socket")
     assert node.proc.pid in listening_pids(node)
     seen = []
     for _ in range(40):  # and it is handed connections: 40 misses would be a 1 in 10^12 draw
