@@ -99,9 +99,13 @@ class AssociationLog:
             self._lock.wait_for(lambda: id(assoc) in self._rows, timeout)
             return self._rows.get(id(assoc))
 
-    def note_study(self, assoc: Any, study_uid: str) -> None:
+    def note_study(self, assoc: Any, study_uid: str) -> bool:
+        """Record that ``assoc`` sent an instance of ``study_uid``; True the first time for this association."""
         with self._lock:
-            self._studies.setdefault(id(assoc), set()).add(study_uid)
+            studies = self._studies.setdefault(id(assoc), set())
+            new = study_uid not in studies
+            studies.add(study_uid)
+        return new
 
     def studies_in_flight(self) -> set[str]:
         """Studies an association that is still open has sent instances for (it may send more)."""

@@ -106,13 +106,11 @@ class ReportingAssociationLog(AssociationLog):
         super().__init__(audit, actor)
         self.link = link
 
-    def note_study(self, assoc: Any, study_uid: str) -> None:
-        with self._lock:
-            studies = self._studies.setdefault(id(assoc), set())
-            new = study_uid not in studies
-            studies.add(study_uid)
+    def note_study(self, assoc: Any, study_uid: str) -> bool:
+        new = super().note_study(assoc, study_uid)
         if new:
             self.link.send(("study", id(assoc), study_uid))
+        return new
 
     def close(self, assoc: Any, outcome: AssociationOutcome) -> set[str]:
         studies = super().close(assoc, outcome)

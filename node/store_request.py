@@ -42,8 +42,9 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
+from node.store_response import PDV_OVERHEAD
+
 RUN_BYTES = 1 << 20  # about this much per run: few DUL passes, little memory beyond pynetdicom's own queue
-PDV_OVERHEAD = 6  # item length (4) and context ID (1) count against the peer's maximum, and the header byte
 _PDU_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, item length, context ID, control header
 P_DATA_TF_TYPE = 0x04
 LAST_COMMAND_FRAGMENT = 0x03

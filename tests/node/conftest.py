@@ -10,6 +10,7 @@ import pytest
 
 from node.config import Settings, load_settings
 from node.service import NodeService
+from tests.factories import CT_IMAGE, DX_FOR_PRESENTATION
 from tests.peers import free_port
 
 
@@ -50,3 +51,20 @@ def running_node(make_settings: Any) -> Iterator[Any]:
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture
+def raw_association(running_node: Any) -> Iterator[tuple[NodeService, Any]]:
+    """(node, association) proposing DX and CT on explicit VR little endian, released at teardown."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE
+
+    service = running_node()
+    ae = AE(ae_title="GVRSCU")
+    for sop_class in (DX_FOR_PRESENTATION, CT_IMAGE):
+        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", service.port, ae_title="GVRNODE")
+    assert assoc.is_established
+    yield service, assoc
+    if assoc.is_established:
+        assoc.release()

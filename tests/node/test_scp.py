@@ -12,7 +12,7 @@ from typing import Any
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from node.audit.models import Association, AssociationOutcome, Instance, InstanceStatus
@@ -204,22 +204,6 @@ def test_scp_wrong_called_ae_rejected(running_node: Any) -> None:
 
 
 # -- issue 9: requests pynetdicom itself would not send -----------------------------------
-
-
-@pytest.fixture
-def raw_association(running_node: Any) -> Any:
-    """(node, association) proposing DX and CT on explicit VR little endian, released at teardown."""
-    from pynetdicom import AE
-
-    service = running_node()
-    ae = AE(ae_title="GVRSCU")
-    for sop_class in (DX_FOR_PRESENTATION, CT_IMAGE):
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", service.port, ae_title="GVRNODE")
-    assert assoc.is_established
-    yield service, assoc
-    if assoc.is_established:
-        assoc.release()
 
 
 CLASS_MISMATCHES = [  # (the request's SOP class, the status, what the audit reason says)

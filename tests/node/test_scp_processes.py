@@ -121,6 +121,25 @@ def send(assoc: Association, paths: list[Path]) -> list[int]:
     return [int(assoc.send_c_store(dcmread(path)).Status) for path in paths]
 
 
+def send_at_once(opened: list[tuple[Association, int | None]], paths: list[list[Path]]) -> list[list[int]]:
+    """Association i sends ``paths[i]`` from a thread of its own, all starting together; then each is released."""
+    start = threading.Barrier(len(opened))
+    statuses: list[list[int]] = [[] for _ in opened]
+
+    def run(i: int) -> None:
+        start.wait()
+        statuses[i].extend(send(opened[i][0], paths[i]))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(opened))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    for assoc, _ in opened:
+        assoc.release()
+    return statuses
+
+
 def _rows(node: NodeProcess, sop_uids: list[str]) -> list[Instance]:
     with node.audit().session() as session:
         return list(session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(sop_uids))))
@@ -137,15 +156,7 @@ def test_concurrent_associations_are_served_by_both_processes_and_complete_on_re
                for uid in (generate_uid() for _ in opened)}  # fmt: skip
     pids = {pid for _, pid in opened}
     assert None not in pids
-    statuses: list[list[int]] = [[] for _ in opened]
-    threads = [threading.Thread(target=lambda i=i, paths=paths: statuses[i].extend(send(opened[i][0], paths)))
-               for i, paths in enumerate(studies.values())]  # fmt: skip
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for assoc, _ in opened:
-        assoc.release()
+    statuses = send_at_once(opened, list(studies.values()))
     assert all(status == [0] * 5 for status in statuses)
     assert len(pids) == 2, f"{len(opened)} associations all went to one process ({pids})"
 
@@ -192,20 +203,7 @@ def test_one_sop_instance_sent_at_once_over_many_associations(two_process_node: 
     paths = [write(make_image(study_uid, seed=i), tmp_path / "same") for i in range(6)]
     opened = open_associations(node, 8)
     assert len({pid for _, pid in opened}) == 2, "the associations all went to one process"
-    start = threading.Barrier(len(opened))
-    statuses: list[list[int]] = [[] for _ in opened]
-
-    def run(i: int) -> None:
-        start.wait()
-        statuses[i].extend(send(opened[i][0], paths))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(opened))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    for assoc, _ in opened:
-        assoc.release()
+    statuses = send_at_once(opened, [paths] * len(opened))
     assert all(status == [0] * len(paths) for status in statuses)
     sop_uids = [str(dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in paths]
     rows = _rows(node, sop_uids)

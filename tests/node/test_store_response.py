@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import generate_uid
+from pynetdicom import evt
 from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -255,41 +255,33 @@ def capture_responses(assoc: Any) -> queue.Queue[bytes]:
     return received
 
 
-def test_node_answers_byte_identical(running_node: Any, pynetdicom_path: list[Any]) -> None:
+def test_node_answers_byte_identical(raw_association: Any, pynetdicom_path: list[Any]) -> None:
     """Through a pynetdicom SCU: a stored instance, a refused one (0x0122) and one with a bad UID (0xC000)
     get the command sets pynetdicom itself would have encoded, and the node used the direct encoder."""
-    service = running_node()
-    ae = AE(ae_title="GVRSCU")
-    for sop_class in (DX_FOR_PRESENTATION, CT_IMAGE):
-        ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", service.port, ae_title="GVRNODE")
-    assert assoc.is_established
-    try:
-        received = capture_responses(assoc)
-        contexts = context_ids(assoc)
-        stored, refused, bad = (make_image(generate_uid(), seed=seed) for seed in (1, 2, 3))
-        answers = [
-            send_raw_store(assoc, encode_body(stored), DX_FOR_PRESENTATION, stored.SOPInstanceUID,
-                           contexts[DX_FOR_PRESENTATION]),
-            send_raw_store(assoc, encode_body(refused), DX_FOR_PRESENTATION, refused.SOPInstanceUID,
-                           contexts[CT_IMAGE]),
-            send_raw_store(assoc, encode_body(bad), DX_FOR_PRESENTATION, "", contexts[DX_FOR_PRESENTATION], wait=5),
-        ]  # fmt: skip
-        assert [answer.status for answer in answers] == [0x0000, 0x0122, 0xC000]
-        expected = [
-            store_response(0x0000, 7, DX_FOR_PRESENTATION, stored.SOPInstanceUID),
-            store_response(0x0122, 7, DX_FOR_PRESENTATION, refused.SOPInstanceUID),
-            store_response(0xC000, 7, DX_FOR_PRESENTATION, None),
-        ]
-        for primitive in expected:
-            [[(_, pdv)]] = pynetdicom_p_data(primitive, 1, 0)
-            assert received.get(timeout=5) == pdv[1:]
-        responses_via_pynetdicom = [p for p in pynetdicom_path if p.MessageIDBeingRespondedTo is not None]
-        assert responses_via_pynetdicom == [], "the node's answers went through pynetdicom's encoder"
-        server_side = service.scp._server.active_associations
-        assert server_side and all(type(a.dimse) is StoreResponseDIMSE for a in server_side)
-    finally:
-        assoc.release()
+    service, assoc = raw_association
+    received = capture_responses(assoc)
+    contexts = context_ids(assoc)
+    stored, refused, bad = (make_image(generate_uid(), seed=seed) for seed in (1, 2, 3))
+    answers = [
+        send_raw_store(assoc, encode_body(stored), DX_FOR_PRESENTATION, stored.SOPInstanceUID,
+                       contexts[DX_FOR_PRESENTATION]),
+        send_raw_store(assoc, encode_body(refused), DX_FOR_PRESENTATION, refused.SOPInstanceUID,
+                       contexts[CT_IMAGE]),
+        send_raw_store(assoc, encode_body(bad), DX_FOR_PRESENTATION, "", contexts[DX_FOR_PRESENTATION], wait=5),
+    ]  # fmt: skip
+    assert [answer.status for answer in answers] == [0x0000, 0x0122, 0xC000]
+    expected = [
+        store_response(0x0000, 7, DX_FOR_PRESENTATION, stored.SOPInstanceUID),
+        store_response(0x0122, 7, DX_FOR_PRESENTATION, refused.SOPInstanceUID),
+        store_response(0xC000, 7, DX_FOR_PRESENTATION, None),
+    ]
+    for primitive in expected:
+        [[(_, pdv)]] = pynetdicom_p_data(primitive, 1, 0)
+        assert received.get(timeout=5) == pdv[1:]
+    responses_via_pynetdicom = [p for p in pynetdicom_path if p.MessageIDBeingRespondedTo is not None]
+    assert responses_via_pynetdicom == [], "the node's answers went through pynetdicom's encoder"
+    server_side = service.scp._server.active_associations
+    assert server_side and all(type(a.dimse) is StoreResponseDIMSE for a in server_side)
 
 
 def test_storescu_statuses_unchanged(running_node: Any, tmp_path: Path) -> None:
