@@ -21,7 +21,7 @@ from pynetdicom.dimse_primitives import C_STORE
 
 from node import store_request
 from node.audit.models import DeliveryStatus, JobState
-from node.config import Peer
+from node.config import Peer, Settings
 from node.delivery import RetryPolicy, run_delivery
 from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
 from node.store_request import DataSetReadError, DataSetSource, encode_runs
@@ -29,8 +29,9 @@ from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_delivery import inferred_job  # noqa: F401 - the fixture
 from tests.peers import LOOPBACK
 
-DIMSE_TIMEOUT = 10.0
-POLICY = RetryPolicy(max_retries=3, first_delay=60.0, max_delay=60.0)
+DIMSE_TIMEOUT = Settings.model_fields["dimse_timeout"].default  # what a user gets: 30 s
+POLICY = RetryPolicy()  # the delivery worker's default backoff
+QUICK_S = 2.5  # a batch that waited for even one DIMSE timeout would take 12 x longer
 
 
 @pytest.fixture
@@ -85,7 +86,7 @@ def test_peer_abort_mid_data_set_ends_the_batch_at_once(tmp_path: Path, scp: Any
     peer, received = scp(abort_after=300_000)
     path = write(make_image(generate_uid(), size=1000), tmp_path)  # 2 MB: the abort comes mid data set
     answered, error, elapsed = _send([FileToSend.read(path)] * 3, peer)
-    assert elapsed < DIMSE_TIMEOUT / 4
+    assert elapsed < QUICK_S
     assert isinstance(error, PeerUnreachableError) and "dropped the association" in str(error)
     assert len(answered) == 1 and answered[0].status is None and not answered[0].ok
     assert answered[0].error is not None and "association ended" in answered[0].error
@@ -99,7 +100,7 @@ def test_delivery_to_a_peer_that_aborts_records_every_object_failed_and_retries(
     delivered = inferred_job([peer])
     started = time.monotonic()
     assert run_delivery(delivered.ctx, delivered.job_id, POLICY) == "retry scheduled"
-    assert time.monotonic() - started < DIMSE_TIMEOUT / 2
+    assert time.monotonic() - started < 2 * QUICK_S
     rows = delivered.deliveries()
     assert len(rows) == 4 and all(row.status == DeliveryStatus.FAILED for row in rows)
     assert all("dropped the association" in row.error or "association ended" in row.error for row in rows)
@@ -219,7 +220,7 @@ def test_a_read_failure_mid_data_set_names_the_file_not_the_peer(
 
     monkeypatch.setattr(DataSetSource, "from_file", staticmethod(failing_second))
     answered, error, elapsed = _send([FileToSend.read(path) for path in paths], peer)
-    assert error is None and elapsed < DIMSE_TIMEOUT / 4
+    assert error is None and elapsed < QUICK_S
     assert [result.status for result in answered] == [0, None, None]
     assert answered[1].error == f"could not read local file {paths[1]}: [Errno 5] Input/output error"
     assert answered[2].error == (f"not sent: the association was aborted because local file {paths[1].name} "
