@@ -304,10 +304,12 @@ def test_analyze_study_in_worker_process(settings: Settings, broker_url: str | N
 def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings, broker_url: str | None,
                                                              worker: Callable[..., Any]) -> None:
     """SIGKILL while RUNNING, start another worker: the lease expires, the reconciler publishes the job
-    again (Redis's visibility timeout stays at its default hour), one complete re-run, one delivery."""
+    again, one complete re-run, one delivery. With the settings a user gets: the default job lease
+    (30 s) and Redis's default visibility timeout (an hour), so the test waits out a real lease."""
     job_id = _job(settings, [7])
-    env = {**_worker_env(settings, broker_url), "GVR_JOB_LEASE_SECONDS": "3"}
-    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url, job_lease_seconds=3)
+    env = _worker_env(settings, broker_url)
+    worker_settings = load_settings(data_dir=settings.data_dir, broker_url=broker_url)
+    lease = worker_settings.job_lease_seconds
     extra: list[str] = []
     first = worker(env, *SLOW, *extra)
     enqueue_analysis(make_celery(worker_settings), job_id)
@@ -315,12 +317,15 @@ def test_analyze_study_worker_killed_mid_task_runs_once_more(settings: Settings,
     running = _wait_for_state(audit, job_id, {JobState.RUNNING})
     assert running.worker is not None and int(running.worker.rsplit(":", 1)[1]) == first.pid
     os.kill(first.pid, signal.SIGKILL)
+    killed_at = time.monotonic()
     first.wait(10)
     worker(env, *extra)
     celery = make_celery(worker_settings)
     reconciler = Reconciler(worker_settings, audit, lambda job: enqueue_analysis(celery, job),
                             lambda job: enqueue_delivery(celery, job), "test:1:node")
-    republished = wait_until_true(lambda: reconciler.run_once().published, timeout=20)
+    republished = wait_until_true(lambda: reconciler.run_once().published, timeout=lease + 30)
+    # not before its lease ran out: renewed every lease / 3, so at least 2/3 of it was left at the kill
+    assert time.monotonic() - killed_at >= lease * 2 / 3 - 1
     assert republished == [job_id]
     job = _wait_for_state(audit, job_id, {JobState.INFERRED, JobState.FAILED})
     assert job.state is JobState.INFERRED and job.attempts == 2, job.error

@@ -316,8 +316,7 @@ _WORKER_APP = """\
 from node.celery_app import make_celery
 from node.config import load_settings
 
-app = make_celery(load_settings(), include=("node.delivery",))
-app.conf["gvr_delivery"] = {"max_retries": 30, "first_delay": 0.5, "max_delay": 1.0}
+app = make_celery(load_settings(), include=("node.delivery",))  # the default retry policy: 2 s, 4 s, 8 s ...
 """
 
 
