@@ -30,6 +30,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
+from benchmarks.ingest_flushes import Flushes, count_flushes, strace_installed
 from benchmarks.ingest_receivers import (
     NodeReceiver,
     OrthancReceiver,
@@ -46,6 +47,7 @@ SCU_AET = "BENCHSCU"
 SEND_TIMEOUT_S = 600.0
 CONCURRENT = 8
 SERIAL_FLUSHES = 2  # the file and its folder entry (fsynced together), then the audit commit
+FLUSH_SAMPLE = 50  # instances sent once more under strace to count each receiver's flush calls
 NODE_SQLITE, NODE_POSTGRES = "node (SQLite)", "node (PostgreSQL)"
 NODE_TWO_PROCESSES = "node (SQLite, 2 SCP processes)"  # GVR_SCP_PROCESSES=2, opt-in
 DOC_BEGIN, DOC_END = "<!-- bench-ingest results: begin -->", "<!-- bench-ingest results: end -->"
@@ -197,8 +199,8 @@ def _select(runs: list[Run], receiver: str, associations: int) -> list[Run]:
     return [run for run in runs if run.receiver == receiver and run.associations == associations]
 
 
-def report(runs: list[Run], count: int, conditions: list[str]) -> str:
-    """Markdown: one row per receiver and mode, then the node's ratios to each peer."""
+def report(runs: list[Run], count: int, conditions: list[str], flushes: list[Flushes] = ()) -> str:
+    """Markdown: one row per receiver and mode, the node's ratios to each peer, then what each flushed."""
     receivers = list(dict.fromkeys(run.receiver for run in runs))
     modes = sorted({run.associations for run in runs})
     repeats = max(len(_select(runs, receivers[0], mode)) for mode in modes)
@@ -227,6 +229,9 @@ def report(runs: list[Run], count: int, conditions: list[str]) -> str:
             cells = [_ratio(runs, node, peer, mode) for mode in modes]
             if any(cells):
                 lines.append(f"| {node} / {peer} | " + " | ".join(cell or "-" for cell in cells) + " |")
+    if flushes:
+        heading = f"Flush calls per instance, counted by strace over {flushes[0].instances} instances on one association"
+        lines += ["", f"{heading} (not timed):", "", *(f"- {flush.describe()}" for flush in flushes)]
     return "\n".join(lines)
 
 
@@ -284,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=("node", "postgres", "node2", "orthanc", "storescp"),
                         default=None,
                         help="benchmark these receivers only (node2: the node with GVR_SCP_PROCESSES=2)")  # fmt: skip
+    parser.add_argument("--no-count-flushes", dest="count_flushes", action="store_false",
+                        help="skip the strace run that counts each receiver's flush calls per instance")  # fmt: skip
     parser.add_argument("--markdown", type=Path, default=None,
                         help="write the results table into this file's bench-ingest results block")  # fmt: skip
     parser.add_argument(
@@ -338,12 +345,30 @@ def main(argv: list[str] | None = None) -> int:
         runs = run_all(files, receivers, sorted(set(args.associations)), repeats, root)
         conditions.append(f"after: {_conditions(root)}")
         print(conditions[1])
-    table = report(runs, count, conditions)
+        flushes = flush_counts(files[:FLUSH_SAMPLE], receivers, root) if args.count_flushes else []
+    table = report(runs, count, conditions, flushes)
     print(table)
     if args.markdown is not None:
         write_markdown(args.markdown, table)
         print(f"results written into {args.markdown}")
     return 0
+
+
+def flush_counts(files: list[Path], receivers: list[Receiver], root: Path) -> list[Flushes]:
+    """Each receiver's flush calls per instance (strace); PostgreSQL's flushes are in its server, not counted."""
+    if not strace_installed():
+        print("strace not found (apt-get install strace): flush calls not counted", file=sys.stderr)
+        return []
+    counted = []
+    for receiver in receivers:
+        if receiver.name == NODE_POSTGRES:
+            continue
+        work = root / f"flushes-{_slug(receiver.name)}"
+        work.mkdir()
+        counted.append(count_flushes(files, receiver, work))
+        print(counted[-1].describe(), flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+    return counted
 
 
 def _conditions(root: Path) -> str:

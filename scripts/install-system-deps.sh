@@ -20,6 +20,7 @@ command -v pg_ctlcluster  >/dev/null || need+=(postgresql)
 command -v chromium       >/dev/null || need+=(chromium)
 command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v strace         >/dev/null || need+=(strace)  # bench-ingest counts each receiver's flush calls
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -ne 0 ]; then
     echo "missing Debian packages: ${need[*]}; run: sudo apt-get install -y ${need[*]}" >&2
