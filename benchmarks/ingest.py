@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,7 +200,7 @@ def _select(runs: list[Run], receiver: str, associations: int) -> list[Run]:
     return [run for run in runs if run.receiver == receiver and run.associations == associations]
 
 
-def report(runs: list[Run], count: int, conditions: list[str], flushes: list[Flushes] = ()) -> str:
+def report(runs: list[Run], count: int, conditions: list[str], flushes: Sequence[Flushes] = ()) -> str:
     """Markdown: one row per receiver and mode, the node's ratios to each peer, then what each flushed."""
     receivers = list(dict.fromkeys(run.receiver for run in runs))
     modes = sorted({run.associations for run in runs})
