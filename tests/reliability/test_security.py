@@ -1,16 +1,14 @@
 """Security at the door: unknown calling AE titles rejected and audited; TLS with client certificates.
 
-Certificates come from the ``openssl`` CLI: a test CA, the node's server
-certificate (SAN IP 127.0.0.1), a client certificate from the same CA, and a
+Certificates come from the ``openssl`` CLI (``tests.pki``): a test CA, the node's
+server certificate (SAN IP 127.0.0.1), a client certificate from the same CA, and a
 client certificate from a second, untrusted CA.
 """
 
 from __future__ import annotations
 
 import ssl
-import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,8 @@ from sqlalchemy import select
 from node.audit.db import AuditDB
 from node.audit.models import Association, AssociationOutcome
 from tests.factories import write
-from tests.peers import LOOPBACK, free_port, require_tool
+from tests.peers import LOOPBACK, free_port
+from tests.pki import Pki, make_pki
 from tests.reliability.harness import (
     CALLING_AE,
     FIGURES,
@@ -35,43 +34,9 @@ from tests.reliability.harness import (
 VERIFICATION = "1.2.840.10008.1.1"
 
 
-@dataclass(frozen=True)
-class Pki:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    rogue_cert: Path
-    rogue_key: Path
-
-
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _issue(folder: Path, name: str, subject: str, ca: str, extensions: str) -> None:
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject, cwd=folder)  # fmt: skip
-    (folder / f"{name}.ext").write_text(extensions)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=folder)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    require_tool("openssl", "openssl")
-    folder = tmp_path_factory.mktemp("pki")
-    for ca in ("ca", "rogue-ca"):
-        _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2", "-subj", f"/CN=gvr test {ca}",
-                 cwd=folder)  # fmt: skip
-    _issue(folder, "server", "/CN=127.0.0.1", "ca",
-           "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
-    _issue(folder, "client", f"/CN={CALLING_AE}", "ca", "extendedKeyUsage=clientAuth\n")
-    _issue(folder, "rogue", f"/CN={CALLING_AE}", "rogue-ca", "extendedKeyUsage=clientAuth\n")
-    return Pki(folder / "ca.pem", folder / "server.pem", folder / "server.key", folder / "client.pem",
-               folder / "client.key", folder / "rogue.pem", folder / "rogue.key")  # fmt: skip
+    return make_pki(tmp_path_factory.mktemp("pki"), CALLING_AE)
 
 
 @pytest.fixture
@@ -109,13 +74,6 @@ def test_unknown_calling_ae_rejected_and_audited(node: tuple[dict[str, str], lis
     FIGURES.bad_inputs_refused += 1
 
 
-def _client_context(pki: Pki, cert: Path | None, key: Path | None) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki.ca))
-    if cert is not None and key is not None:
-        context.load_cert_chain(str(cert), str(key))
-    return context
-
-
 def _tls_association_established(port: int, context: ssl.SSLContext | None) -> bool:
     ae = AE(ae_title=CALLING_AE)
     ae.add_requested_context(VERIFICATION)
@@ -132,20 +90,20 @@ def test_tls_required_test_ca_client_works_plain_refused(
 ) -> None:
     """With tls_ca set: the test CA's client certificate associates and stores; plain, no cert, rogue CA fail."""
     env, started = node
-    env.update(GVR_TLS_CERT=str(pki.server_cert), GVR_TLS_KEY=str(pki.server_key), GVR_TLS_CA=str(pki.ca))
+    env.update(pki.server_env())
     started.append(start_node(env, tmp_path / "gvr-node-tls.log"))
     port = int(env["GVR_PORT"])
 
-    trusted = _client_context(pki, pki.client_cert, pki.client_key)
+    trusted = pki.client_context(pki.client_cert, pki.client_key)
     assert _tls_association_established(port, trusted)
     image = write(phi_image(), tmp_path / "tls")
     assert send_paths(port, [image], tls=(trusted, LOOPBACK)).acknowledged == [image.stem]
 
     refused = {
         "plain": _tls_association_established(port, None),
-        "tls without a client certificate": _tls_association_established(port, _client_context(pki, None, None)),
+        "tls without a client certificate": _tls_association_established(port, pki.client_context()),
         "client certificate from another CA": _tls_association_established(
-            port, _client_context(pki, pki.rogue_cert, pki.rogue_key)),
+            port, pki.client_context(pki.rogue_cert, pki.rogue_key)),
     }  # fmt: skip
     assert refused == dict.fromkeys(refused, False)
     FIGURES.bad_inputs_tried += len(refused)
