@@ -29,7 +29,7 @@ from node.association_failure import describe_connect, describe_failure
 from node.config import Peer
 from node.reactor_gate import hold_reactor, install
 from node.scp import set_nodelay
-from node.store_file import send_file
+from node.store_file import ResponseTimeoutError, send_file
 from node.store_request import DataSetReadError
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ MAX_CONTEXTS = 128  # PS3.8: at most 128 presentation contexts per association
 
 
 class PeerUnreachableError(ConnectionError):
-    """The peer refused, rejected or dropped the association; the message says which and why."""
+    """The peer refused, rejected or dropped the association, or did not answer in time; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,10 @@ def send_files(
 def _store_batch(assoc: Association, batch: list[FileToSend], peer: Peer) -> Iterator[tuple[FileToSend, SendResult]]:
     """Each file's result, in order, on one association.
 
-    Raises ``PeerUnreachableError`` once the association has ended under us; after our
-    own abort (a file that could not be read part way through) the rest are failed, not sent.
+    Raises ``PeerUnreachableError`` once the association has ended under us, or once we aborted
+    it because the peer sent no C-STORE response within the DIMSE timeout (the message says
+    which); after our own abort for a file that could not be read part way through, the rest
+    are failed, not sent.
     """
     aborted_for: str | None = None
     for item in batch:
@@ -145,6 +147,10 @@ def _store_batch(assoc: Association, batch: list[FileToSend], peer: Peer) -> Ite
             if not _usable(assoc):
                 aborted_for = f"local file {item.path.name} could not be read part way through its data set"
             continue
+        except ResponseTimeoutError as error:
+            yield item, SendResult(item.path, None, str(error))
+            raise PeerUnreachableError(f"{peer} sent no C-STORE response within {error.timeout:g} s for "
+                                       f"{item.path.name} and the association was aborted") from error  # fmt: skip
         yield item, result
         if not _usable(assoc):
             raise PeerUnreachableError(f"{peer} dropped the association after {item.path.name}")
@@ -161,7 +167,7 @@ def _store_one(assoc: Association, item: FileToSend) -> SendResult:
         return SendResult(item.path, None, "the association ended before this C-STORE")
     try:
         response = send_file(assoc, item.path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax)
-    except DataSetReadError:
+    except (DataSetReadError, ResponseTimeoutError):
         raise
     except (ValueError, OSError) as error:
         return SendResult(item.path, None, str(error))

@@ -15,6 +15,7 @@ requests it. Written against pynetdicom 3.0.4's ``send_c_store``.
 
 from __future__ import annotations
 
+import queue
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ PRIORITY_LOW = 2  # send_c_store's default priority
 PAUSE_POLL_S = 0.0001
 
 
+class ResponseTimeoutError(TimeoutError):
+    """The peer sent no C-STORE response within the DIMSE timeout; the association was aborted (pynetdicom's way)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no C-STORE response within {timeout:g} s; the association was aborted")
+        self.timeout = timeout
+
+
 def send_file(
     assoc: Any, path: Path, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, message_id: int = 1
 ) -> Dataset:
@@ -41,7 +50,9 @@ def send_file(
     Raises ``ValueError`` when no accepted context has this (SOP class, transfer syntax),
     ``RuntimeError`` when the association is not established, ``DataSetReadError`` when the
     file cannot be read whole as it was when the C-STORE began (the association is aborted
-    if part of its data set went out: ``node.store_request``).
+    if part of its data set went out: ``node.store_request``), ``ResponseTimeoutError`` when
+    no response came within the DIMSE timeout (the association is aborted). A peer that
+    aborts or closes the connection meanwhile gives an empty status, as with ``send_c_store``.
     """
     if not assoc.is_established:
         raise RuntimeError("the association must be established before a C-STORE")
@@ -82,13 +93,19 @@ def _exchange(assoc: Any, request: C_STORE, context_id: int) -> Dataset:
     assoc._reactor_checkpoint.clear()  # the reactor must not take our response (node.reactor_gate)
     while not assoc._is_paused:
         time.sleep(PAUSE_POLL_S)
+    timed_out = False
     try:
         assoc.dimse.send_msg(request, context_id)
-        _, response = assoc.dimse.get_msg(block=True)
+        # get_msg's own wait, but a timeout stays apart from the (None, None) an abort or a closed connection queues
+        _, response = assoc.dimse.msg_queue.get(block=True, timeout=assoc.dimse.dimse_timeout)
+    except queue.Empty:
+        response, timed_out = None, True
     finally:
         assoc._reactor_checkpoint.set()
-    if response is None:  # the DIMSE timeout passed: pynetdicom aborts
-        assoc._handle_no_response()
-        return Dataset()
+    if response is None:
+        assoc._handle_no_response()  # pynetdicom's reaction: log; abort unless the peer did
+        if timed_out:
+            raise ResponseTimeoutError(assoc.dimse.dimse_timeout)
+        return Dataset()  # the peer aborted or the connection closed
     status: Dataset = assoc._check_received_status(response)
     return status

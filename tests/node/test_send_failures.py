@@ -36,11 +36,12 @@ QUICK_S = 2.5  # a batch that waited for even one DIMSE timeout would take 12 x 
 
 @pytest.fixture
 def scp() -> Iterator[Any]:
-    """start(abort_after=None) -> (peer, received data sets): a pynetdicom storage SCP for every storage class,
-    that aborts each association once it has received ``abort_after`` bytes of P-DATA."""
+    """start(abort_after=None, answer_after=0) -> (peer, received data sets): a pynetdicom storage SCP for every
+    storage class, that aborts each association once it has received ``abort_after`` bytes of P-DATA and
+    answers each C-STORE ``answer_after`` seconds after the request arrived."""
     servers: list[Any] = []
 
-    def start(abort_after: int | None = None) -> tuple[Peer, list[bytes]]:
+    def start(abort_after: int | None = None, answer_after: float = 0.0) -> tuple[Peer, list[bytes]]:
         received: list[bytes] = []
         got: dict[int, int] = {}
 
@@ -52,6 +53,7 @@ def scp() -> Iterator[Any]:
 
         def on_store(event: Any) -> int:
             received.append(event.request.DataSet.getvalue())
+            time.sleep(answer_after)
             return 0x0000
 
         ae = AE(ae_title="STORESCP")
@@ -105,6 +107,23 @@ def test_delivery_to_a_peer_that_aborts_records_every_object_failed_and_retries(
     assert len(rows) == 4 and all(row.status == DeliveryStatus.FAILED for row in rows)
     assert all("dropped the association" in row.error or "association ended" in row.error for row in rows)
     assert delivered.state().state == JobState.INFERRED and received == []
+
+
+def test_a_peer_that_does_not_answer_in_time_is_named_for_the_timeout_not_a_drop(tmp_path: Path, scp: Any) -> None:
+    """No C-STORE response within the DIMSE timeout: the error names the timeout and the file, says we aborted."""
+    peer, received = scp(answer_after=2.5)
+    paths = [write(make_image(generate_uid(), size=64, seed=seed), tmp_path) for seed in (1, 2)]
+    answered: list[SendResult] = []
+    started = time.monotonic()
+    with pytest.raises(PeerUnreachableError) as caught:
+        send_files([FileToSend.read(path) for path in paths], peer, "GVRNODE", timeout=1.0,
+                   on_result=lambda item, result: answered.append(result))  # fmt: skip
+    assert time.monotonic() - started < 1.0 + QUICK_S  # one timeout, then no second file
+    assert str(caught.value) == (f"{peer} sent no C-STORE response within 1 s for {paths[0].name} "
+                                 "and the association was aborted")  # fmt: skip
+    assert [(result.status, result.error) for result in answered] == [
+        (None, "no C-STORE response within 1 s; the association was aborted")]
+    assert len(received) == 1  # the peer got the first file only
 
 
 # 2. The file is replaced (or changes) between the start of its C-STORE and its last byte
