@@ -67,7 +67,7 @@ def send_file(
         request.AffectedSOPClassUID = sop_class_uid
         request.AffectedSOPInstanceUID = sop_instance_uid
         offset = data_set_offset(file, path)
-        request._dataset_path = (path, offset)  # pynetdicom's own path (unusual event handlers) reads it from here
+        request._dataset_path = (path, offset)  # pynetdicom's own path (providers not installed) reads it from here
         attach(request, DataSetSource.from_file(file, path, offset))
         context = assoc._get_valid_context(sop_class_uid, transfer_syntax, "scu", allow_conversion=False)
         return _exchange(assoc, request, context.context_id)

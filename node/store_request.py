@@ -13,10 +13,13 @@ tests/node/test_store_request.py compares the bytes on the wire with pynetdicom'
 A run travels as an empty ``P_DATA`` (which pynetdicom never sends) that the DUL
 state machine treats like any P-DATA request (DT-1: only on an established
 association, in queue order); ``RunSendingDUL._send`` writes the run queued with it.
-Anything unusual takes pynetdicom's path: other messages, an empty data set, a maximum
-PDU length pynetdicom refuses (1 to 6), and an association with an EVT_PDU_SENT handler
-other than pynetdicom's logging one (which logs nothing for a P-DATA-TF) or any
-EVT_DATA_SENT handler, since those would see runs instead of PDUs.
+An association with an EVT_PDU_SENT handler other than pynetdicom's logging one (which
+logs nothing for a P-DATA-TF) or any EVT_DATA_SENT handler would see runs instead of
+PDUs: there a file's data set goes out as pynetdicom's PDUs, one ``P_DATA`` each
+(``encode_pdus``), read through the same ``DataSetSource``, so a file replaced meanwhile
+fails alike (pynetdicom would open the path again and send whatever lies there now).
+Anything else unusual takes pynetdicom's path: other messages, an empty data set, a
+maximum PDU length pynetdicom refuses (1 to 6), a data set in memory on such an association.
 
 Written against pynetdicom 3.0.4; upstream, the same idea is ``DIMSEMessage.encode_msg``
 yielding pre-encoded PDUs and the DUL writing them without a state machine pass each.
@@ -199,6 +202,21 @@ def encode_runs(source: DataSetSource, context_id: int, max_pdu_length: int) -> 
         yield run
 
 
+def encode_pdus(source: DataSetSource, context_id: int, max_pdu_length: int) -> Iterator[P_DATA]:
+    """The data set's ``P_DATA`` primitives, one per PDU, as ``DIMSEMessage.encode_msg`` makes them.
+
+    For an association whose handlers see each PDU; read through ``source``, so checked as for runs.
+    """
+    fragment = source.length if max_pdu_length == 0 else max_pdu_length - PDV_OVERHEAD
+    remaining = source.length
+    for piece in source.chunks(fragment):
+        remaining -= len(piece)
+        control = DATA_FRAGMENT if remaining else LAST_DATA_FRAGMENT
+        p_data = P_DATA()
+        p_data.presentation_data_value_list.append((context_id, bytes((control,)) + piece))
+        yield p_data
+
+
 def quiet_sent_events(assoc: Any) -> bool:
     """True when no handler could tell runs from PDUs: no EVT_DATA_SENT, only pynetdicom's EVT_PDU_SENT logger."""
     pdu_handlers = assoc.get_handlers(evt.EVT_PDU_SENT)
@@ -230,13 +248,18 @@ class RunSendingDUL(DULServiceProvider):
 
 
 class StoreRequestDIMSE(DIMSEServiceProvider):
-    """``DIMSEServiceProvider`` that sends a C-STORE request's data set as runs (``encode_runs``)."""
+    """``DIMSEServiceProvider`` that sends a C-STORE request's data set as runs (``encode_runs``).
+
+    Where handlers see each PDU (``quiet_sent_events`` False), a file's data set goes as
+    pynetdicom's PDUs (``encode_pdus``), through the same checked ``DataSetSource``.
+    """
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         max_pdu_length = self.maximum_pdu_size
-        source = self._run_source(primitive, max_pdu_length)
+        source = self._data_set_source(primitive, max_pdu_length)
         dul = self.dul
-        if source is None or not isinstance(dul, RunSendingDUL):
+        as_runs = quiet_sent_events(self.assoc)
+        if source is None or not isinstance(dul, RunSendingDUL) or (source.file is None and not as_runs):
             if source is not None:
                 source.close()
             super().send_msg(primitive, context_id)
@@ -248,21 +271,25 @@ class StoreRequestDIMSE(DIMSEServiceProvider):
         for p_data in message.encode_msg(context_id, max_pdu_length):  # the command set, pynetdicom's own
             dul.send_pdu(p_data)
             if p_data.presentation_data_value_list[0][1][0] == LAST_COMMAND_FRAGMENT:
-                break  # the data set follows as runs
+                break  # the data set follows, as runs or as PDUs
         try:
-            for run in encode_runs(source, context_id, max_pdu_length):
-                dul.send_run(run)
+            if as_runs:
+                for run in encode_runs(source, context_id, max_pdu_length):
+                    dul.send_run(run)
+            else:
+                for p_data in encode_pdus(source, context_id, max_pdu_length):
+                    dul.send_pdu(p_data)
         except BaseException:
             self.assoc.abort()  # the peer holds half a message: nothing later on this association could be read
             raise
         finally:
             source.close()
 
-    def _run_source(self, primitive: Any, max_pdu_length: int) -> DataSetSource | None:
-        """The data set to send as runs, or None for pynetdicom's path (see the module docstring)."""
+    def _data_set_source(self, primitive: Any, max_pdu_length: int) -> DataSetSource | None:
+        """The C-STORE request's data set to send ourselves, or None for pynetdicom's path (module docstring)."""
         if type(primitive) is not C_STORE or primitive.MessageIDBeingRespondedTo is not None:
             return None
-        if 0 < max_pdu_length <= PDV_OVERHEAD or not quiet_sent_events(self.assoc):
+        if 0 < max_pdu_length <= PDV_OVERHEAD:
             return None
         return DataSetSource.of(primitive)
 

@@ -16,15 +16,16 @@ from typing import Any
 
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, StoragePresentationContexts, evt
+from pynetdicom import AE, StoragePresentationContexts, build_context, evt
 from pynetdicom.dimse_primitives import C_STORE
 
 from node import store_request
 from node.audit.models import DeliveryStatus, JobState
 from node.config import Peer, Settings
 from node.delivery import RetryPolicy, run_delivery
-from node.scu import FileToSend, PeerUnreachableError, SendResult, send_files
-from node.store_request import DataSetReadError, DataSetSource, encode_runs
+from node.scu import FileToSend, PeerUnreachableError, SendResult, associate, send_files
+from node.store_file import send_file
+from node.store_request import DataSetReadError, DataSetSource, encode_pdus, encode_runs
 from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_delivery import inferred_job  # noqa: F401 - the fixture
 from tests.peers import LOOPBACK
@@ -208,6 +209,51 @@ def test_send_file_replaced_mid_send_fails_its_c_store(
     assert answered[0].error == f"could not read local file {path}: it was replaced or changed while it was being sent"
     assert received == []
 
+
+
+def _replace_with_a_longer_copy(path: Path) -> None:
+    replacement = path.with_name("replacement.dcm")
+    replacement.write_bytes(path.read_bytes() + b"\0" * 4000)
+    os.replace(replacement, path)
+
+
+@pytest.mark.parametrize("when", ["before its data set", "after its first data PDU"])
+def test_on_an_association_with_sent_handlers_a_replaced_file_fails_alike(
+    tmp_path: Path, scp: Any, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """An EVT_DATA_SENT handler (pynetdicom's PDU-by-PDU path): the file replaced before its data set is read
+    or after its first PDU was read fails its C-STORE with the runs path's error; aborted, nothing stored."""
+    peer, received = scp()
+    path = write(make_image(generate_uid(), size=1000), tmp_path)
+    item = FileToSend.read(path)
+    data_pdus: list[int] = []
+
+    def on_data_sent(event: Any) -> None:
+        if event.data[:1] == b"\x04" and event.data[11] & 1 == 0:  # a P-DATA-TF of the data set
+            data_pdus.append(len(event.data))
+
+    def on_dimse_sent(event: Any) -> None:  # the request is encoded; its data set not yet read
+        if when == "before its data set":
+            _replace_with_a_longer_copy(path)
+
+    def replace_after_first_pdu(source: DataSetSource, *args: Any) -> Any:
+        pdus = encode_pdus(source, *args)
+        yield next(pdus)
+        _replace_with_a_longer_copy(path)
+        yield from pdus
+
+    if when == "after its first data PDU":
+        monkeypatch.setattr(store_request, "encode_pdus", replace_after_first_pdu)
+    with associate(peer, "GVRNODE", [build_context(item.sop_class_uid, [item.transfer_syntax])], 10) as assoc:
+        assoc.bind(evt.EVT_DATA_SENT, on_data_sent)
+        assoc.bind(evt.EVT_DIMSE_SENT, on_dimse_sent)
+        assert not store_request.quiet_sent_events(assoc)
+        with pytest.raises(DataSetReadError) as caught:
+            send_file(assoc, path, item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax)
+        assert not assoc.dul.is_alive() or assoc.is_aborted
+    assert str(caught.value) == f"could not read local file {path}: it was replaced or changed while it was being sent"
+    assert all(size <= 6 + 16384 for size in data_pdus)  # PDUs one by one (a run would be a ~1 MB write)
+    assert received == []
 
 # 3. The outbox file cannot be read part way through: the local file and the OS error, not the peer
 

@@ -23,7 +23,14 @@ from node import scu, store_request
 from node.config import Peer
 from node.results.build import outbox_path, prepare_outbox
 from node.scu import FileToSend, send_files
-from node.store_request import RUN_BYTES, DataSetReadError, DataSetSource, encode_runs, quiet_sent_events
+from node.store_request import (
+    RUN_BYTES,
+    DataSetReadError,
+    DataSetSource,
+    encode_pdus,
+    encode_runs,
+    quiet_sent_events,
+)
 from tests.factories import DX_FOR_PRESENTATION, make_image, write
 from tests.node.test_results import make_fake_job
 from tests.peers import LOOPBACK
@@ -91,6 +98,21 @@ def test_runs_from_a_file_are_pynetdicoms_pdus(tmp_path: Path, size: int, max_pd
     source = DataSetSource.of(store_rq(path=(path, offset)))
     assert source is not None and source.length == size
     ours = command_bytes(store_rq(path=(path, offset)), 3, max_pdu) + b"".join(encode_runs(source, 3, max_pdu))
+    assert ours == pynetdicom_bytes(store_rq(path=(path, offset)), 3, max_pdu)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 1001, 7])
+@pytest.mark.parametrize("size", [1, FRAGMENT, FRAGMENT + 1, 3 * FRAGMENT - 1])
+def test_pdus_from_a_file_are_pynetdicoms_pdus(tmp_path: Path, size: int, max_pdu: int) -> None:
+    """The path for associations whose handlers see each PDU: pynetdicom's P-DATA PDUs, one primitive each."""
+    offset = 333
+    path = tmp_path / "object.dcm"
+    path.write_bytes(data_of(offset) + data_of(size))
+    source = DataSetSource.of(store_rq(path=(path, offset)))
+    assert source is not None
+    pdus = [P_DATA_TF(p_data).encode() for p_data in encode_pdus(source, 3, max_pdu)]
+    assert max_pdu == 0 or all(len(pdu) <= 6 + max_pdu for pdu in pdus)
+    ours = command_bytes(store_rq(path=(path, offset)), 3, max_pdu) + b"".join(pdus)
     assert ours == pynetdicom_bytes(store_rq(path=(path, offset)), 3, max_pdu)
 
 
