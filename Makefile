@@ -46,7 +46,8 @@ bench-rationale: $(STAMP)
 	$(BIN)/python -m benchmarks.rationale all --threads 1 --seeds $(SEEDS) $(if $(BUNDLE),--bundle $(BUNDLE)) \
 		--docs docs/rationale.md
 
-## Turnaround from the last C-STORE to the SR in Orthanc, 20 studies, one CPU worker.
+## Turnaround from the last C-STORE to the SR in Orthanc, single and 20 studies, one CPU worker,
+## beside an Orthanc routing node forwarding the same studies (--no-peer skips it).
 bench-e2e: $(STAMP) system-deps
 	$(BIN)/python -m benchmarks.e2e
 
