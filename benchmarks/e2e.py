@@ -94,9 +94,10 @@ def print_table(runs: list[Measured], singles: int) -> None:
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for m in runs:
         each = " / ".join(f"{t:.1f}" for t in m.singles)
-        print(
-            f"| {m.name} | single study, idle ({singles} runs) | {len(m.singles)}/{singles} | {each} s | | | | |"
-        )
+        if singles:
+            print(
+                f"| {m.name} | single study, idle ({singles} runs) | {len(m.singles)}/{singles} | {each} s | | | | |"
+            )
         if m.batch:
             print(
                 f"| {m.name} | {m.batch_sent} back to back | {len(m.batch)}/{m.batch_sent} | "
@@ -164,11 +165,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"PACS: {demo.pacs.name}; {args.warmup} warm-up, {args.singles} single, {args.studies} back to back"
             )
             runs = [measure_node(demo, studies, args.timeout)]
-            if args.no_peer:
-                pass
-            elif isinstance(demo.pacs, OrthancPacs):
+            if not args.no_peer and isinstance(demo.pacs, OrthancPacs):
                 runs.append(measure_router(folder, demo.pacs, studies, args.timeout))
-            else:
+            elif not args.no_peer:
                 print(f"no Orthanc router: it needs Orthanc (the PACS here is {demo.pacs.name})")
     print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     print_table(runs, args.singles)
