@@ -139,10 +139,11 @@ def build_for_image(result: JobResult, index: int, results_root: Path, report_oo
             f"job {result.job_id} image {image.key} has no rationale.npy: nothing to overlay"
         )
     rationale = rationale.astype(np.float32, copy=False)  # stored as float32: no full-size copy
-    pictures = [overlay_sc(header, overlay.render_overlay(base, rationale, caption),
+    grey = overlay.to_grey(base)  # converted once for both pictures
+    pictures = [overlay_sc(header, overlay.render_overlay(grey, rationale, caption),
                            identity(ObjectKind.OVERLAY, SeriesKind.RATIONALE, 2 * number - 1), equipment)]  # fmt: skip
     if caption.shows_rationale:
-        pixels = overlay.render_side_by_side(base, overlay.healthy_image(base, rationale), caption)
+        pixels = overlay.render_side_by_side(grey, overlay.healthy_grey(base, rationale), caption)
         pictures.append(side_by_side_sc(header, pixels, identity(ObjectKind.SIDE_BY_SIDE, SeriesKind.RATIONALE,
                                                                   2 * number), equipment))  # fmt: skip
         cine = _optional_array(results_root, result.job_id, image.key, "cine")

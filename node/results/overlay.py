@@ -31,7 +31,7 @@ from pydicom import Dataset
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
 from node.artefacts import DEFAULT_RATIONALE_SCALE, ImageResult, ModelInfo
-from node.results import text
+from node.results import row_blocks, text
 
 DISCLAIMER = "NOT FOR DIAGNOSTIC USE"
 NO_RATIONALE_NEGATIVE = "no rationale: prediction below threshold"
@@ -161,22 +161,17 @@ def display_image(ds: Dataset) -> np.ndarray:
         raise ValueError(
             f"source {ds.get('SOPInstanceUID', '?')} is not a single-frame greyscale image: cannot overlay"
         )
-    values = _modality_values(ds)
     linear = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper() == "LINEAR"
+    invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and not linear):
-        values = apply_voi_lut(values.astype(np.float64), ds, index=0).astype(np.float32)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        values = _linear_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth))
-    low, high = float(values.min()), float(values.max())
-    scaled = values  # a new array from the steps above: scaled in place
-    if high > low:
-        scaled -= np.float32(low)
-        scaled *= np.float32(1.0 / (high - low))
-    else:
-        scaled = np.zeros_like(values)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        scaled = np.float32(1.0) - scaled
-    return scaled.astype(np.float32, copy=False)
+        values = apply_voi_lut(_modality_values(ds).astype(np.float64), ds, index=0).astype(np.float32)
+        return row_blocks.display(values, (1.0, 0.0), None, invert)
+    window = (_first(ds.WindowCenter), _first(ds.WindowWidth)) if "WindowCenter" in ds and "WindowWidth" in ds \
+        else None  # fmt: skip
+    if "ModalityLUTSequence" in ds:
+        return row_blocks.display(_modality_values(ds), (1.0, 0.0), window, invert)
+    rescale = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    return row_blocks.display(ds.pixel_array, rescale, window, invert)  # no full-size float32 copy to start from
 
 
 def _first(value: Any) -> float:
@@ -199,21 +194,6 @@ def _modality_values(ds: Dataset) -> np.ndarray:
     return values
 
 
-def _linear_window(values: np.ndarray, centre: float, width: float) -> np.ndarray:
-    """PS3.3 C.11.2.1.2.1, LINEAR: values below/above the window at 0/1, a ramp in between.
-
-    ``values`` (float32, ours: ``_modality_values`` made it) is overwritten: no full-size array is allocated.
-    """
-    width = max(width, 1.0)
-    if width == 1.0:
-        return (values >= np.float32(centre - 0.5)).astype(np.float32)
-    ramp = values
-    ramp -= np.float32(centre - 0.5)
-    ramp *= np.float32(1.0 / (width - 1.0))
-    ramp += np.float32(0.5)
-    return np.clip(ramp, 0.0, 1.0, out=ramp)
-
-
 def healthy_image(base: np.ndarray, rationale: np.ndarray) -> np.ndarray:
     """The patient's own radiograph with the disease removed: ``clip(base - rationale, 0, 1)``.
 
@@ -229,12 +209,25 @@ def healthy_image(base: np.ndarray, rationale: np.ndarray) -> np.ndarray:
     return healthy.astype(np.float32, copy=False)
 
 
+def healthy_grey(base: np.ndarray, rationale: np.ndarray) -> np.ndarray:
+    """``_to_uint8(healthy_image(base, rationale))``: the side-by-side's right half, as 8-bit grey."""
+    _check_grid("rationale", rationale, base.shape)
+    if base.dtype == rationale.dtype == np.float32:
+        return row_blocks.difference_to_uint8(base, rationale)  # no full-size float image
+    return _to_uint8(healthy_image(base, rationale))
+
+
+def to_grey(image: np.ndarray) -> np.ndarray:
+    """An image in [0, 1] (``display_image``, ``healthy_image``) as 8-bit grey; 8-bit grey as it is.
+
+    The pictures take either: a caller that renders the same display image twice converts it once.
+    """
+    return image if image.dtype == np.uint8 else _to_uint8(image)
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
-    """``rint(clip(image, 0, 1) * 255)`` as uint8, computed in one working array (a third of the time at 3000 px)."""
-    scaled: np.ndarray = np.clip(image, 0.0, 1.0)
-    scaled *= 255.0
-    np.rint(scaled, out=scaled)
-    return scaled.astype(np.uint8)
+    """``rint(clip(image, 0, 1) * 255)`` as uint8, a block of rows at a time (``row_blocks``)."""
+    return row_blocks.to_uint8(image)
 
 
 def _check_grid(name: str, array: np.ndarray, shape: tuple[int, ...]) -> None:
@@ -282,24 +275,42 @@ _UNTINTED_LOW, _UNTINTED_HIGH = _untinted_range(_TINT_WEIGHTS)
 def blend(base: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
     """The display image with the rationale tinted over it, RGB uint8, no bar or caption (the review page too).
 
-    The tint is looked up in 256-entry tables of t = rationale / scale (a step of 1/128
-    of the scale, below what an eye or a viewer's 8 bits tell apart) and mixed in
-    integers: a fraction of the float version's time and memory at full resolution.
+    ``base`` is the display image in [0, 1] or as 8-bit grey (``to_grey``). The tint is looked
+    up in 256-entry tables of t = rationale / scale (a step of 1/128 of the scale, below what
+    an eye or a viewer's 8 bits tell apart) and mixed in integers: a fraction of the float
+    version's time and memory at full resolution.
     """
     _check_grid("rationale", rationale, base.shape)
-    position = rationale * np.float32(127.5 / scale)
-    position += np.float32(128.0)
-    index = np.clip(position, 0, 255, out=position).astype(np.uint8)
-    grey = _to_uint8(base)
-    blended: np.ndarray = np.repeat(grey[..., None], 3, axis=-1)
-    # most of a chest is under the floor: mix only where there is a tint (found by comparing, not a
-    # full-size table lookup, which took longer than everything else here)
-    tinted = np.flatnonzero((index < _UNTINTED_LOW) | (index > _UNTINTED_HIGH))  # flat positions: one mask pass
-    picked = index.ravel()[tinted]
+    return _blend_into(np.empty((*base.shape, 3), dtype=np.uint8), to_grey(base), rationale, scale)
+
+
+def _grey_into(target: np.ndarray, grey: np.ndarray) -> None:
+    """Each channel of ``target`` (rows, columns, 3; a view into a larger picture) set to ``grey``.
+
+    One channel at a time: broadcasting ``grey[..., None]`` into the view took five times as long.
+    """
+    for channel in range(3):
+        target[..., channel] = grey
+
+
+def _blend_into(picture: np.ndarray, grey: np.ndarray, rationale: np.ndarray, scale: float) -> np.ndarray:
+    """``blend`` written into the top left of ``picture`` (C-contiguous RGB): no RGB copy to paste.
+
+    Returns ``picture``.
+    """
+    if not picture.flags.c_contiguous:  # reshape would copy it, and the tint would be lost
+        raise ValueError("the picture to blend into must be one C-contiguous array")
+    rows, columns = grey.shape
+    _grey_into(picture[:rows, :columns], grey)
+    # most of a chest is under the floor: mix only where there is a tint, found by comparing the
+    # index with the table's untinted run, a block of rows at a time (a full-size table lookup took
+    # longer than everything else here); flat positions, as 2-D index pairs picked ten times slower
+    tinted, picked = row_blocks.tinted(rationale, scale, (_UNTINTED_LOW, _UNTINTED_HIGH))
     w = _TINT_WEIGHTS[picked][:, None]
     mixed = grey.ravel()[tinted][:, None].astype(np.uint16) * (256 - w) + _TINT_COLOURS[picked] * w + 128
-    blended.reshape(-1, 3)[tinted] = (mixed >> 8).astype(np.uint8)
-    return blended
+    in_picture = tinted + tinted // columns * (picture.shape[1] - columns)  # the same pixel in the wider rows
+    picture.reshape(-1, 3)[in_picture] = (mixed >> 8).astype(np.uint8)
+    return picture
 
 
 def _colour_bar(height: int, width: int, caption: Caption, size: int) -> Image.Image:
@@ -343,8 +354,8 @@ def _caption_band(canvas: Image.Image, top: int, marked: list[tuple[str, bool]],
 def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) -> np.ndarray:
     """The radiograph with the rationale tinted over it, a colour bar and the caption: RGB uint8.
 
-    ``base`` is the display image (``display_image``), ``rationale`` the signed
-    map at the same grid (display units). The radiograph keeps its size; the bar
+    ``base`` is the display image (``display_image``, or ``to_grey`` of it), ``rationale``
+    the signed map at the same grid (display units). The radiograph keeps its size; the bar
     sits to its right, the caption below. Colour uses ``caption.rationale_scale``
     for every patient; without a rationale (negative, out of distribution) the
     radiograph stays grey and the bar says why.
@@ -357,8 +368,10 @@ def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) ->
     # assembled in one array: only the bar and the caption band go through PIL (a full-size
     # canvas cost a fill, a paste and a copy out of ~27 MB each at 3000 px)
     out = np.zeros((rows + text.band_height(len(marked), size), columns + bar_width, 3), dtype=np.uint8)
-    out[:rows, :columns] = blend(base, rationale, caption.rationale_scale) if caption.shows_rationale else \
-        _to_uint8(base)[..., None]  # fmt: skip
+    if caption.shows_rationale:
+        _blend_into(out, to_grey(base), rationale, caption.rationale_scale)
+    else:
+        _grey_into(out[:rows, :columns], to_grey(base))
     out[:rows, columns:] = np.asarray(_colour_bar(rows, bar_width, caption, size), dtype=np.uint8)
     band = Image.new("RGB", (columns + bar_width, out.shape[0] - rows), (0, 0, 0))
     _caption_band(band, 0, marked, size)
@@ -367,7 +380,10 @@ def render_overlay(base: np.ndarray, rationale: np.ndarray, caption: Caption) ->
 
 
 def render_side_by_side(base: np.ndarray, healthy: np.ndarray, caption: Caption) -> np.ndarray:
-    """Original | healthy counterfactual (``healthy_image``), titled, with the caption below: greyscale uint8."""
+    """Original | healthy counterfactual (``healthy_image``), titled, with the caption below: greyscale uint8.
+
+    Either image may come as 8-bit grey already (``to_grey``, ``healthy_grey``).
+    """
     _check_grid("healthy image", healthy, base.shape)
     rows, columns = base.shape
     size = text.font_size(columns)
@@ -377,8 +393,8 @@ def render_side_by_side(base: np.ndarray, healthy: np.ndarray, caption: Caption)
     marked = caption.marked_layout(2 * columns + gap - size, size)
     width, bottom = 2 * columns + gap, title_height + rows  # one array, as in render_overlay
     out = np.zeros((bottom + text.band_height(len(marked), size), width), dtype=np.uint8)
-    out[title_height:bottom, :columns] = _to_uint8(base)
-    out[title_height:bottom, columns + gap :] = _to_uint8(healthy)
+    out[title_height:bottom, :columns] = to_grey(base)
+    out[title_height:bottom, columns + gap :] = to_grey(healthy)
     title_band = Image.new("L", (width, title_height), 0)
     draw = ImageDraw.Draw(title_band)
     for left, lines in zip((0, columns + gap), titles, strict=True):

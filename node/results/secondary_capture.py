@@ -135,6 +135,17 @@ def _source_reference(source: Dataset) -> Dataset:
     return item
 
 
+def _stand_in(pixels: np.ndarray) -> np.ndarray:
+    """What highdicom encodes in place of the picture: its top left pixel (same type and samples).
+
+    SCImage derives from its array only Rows, Columns and the Image Pixel attributes of its
+    type and samples, then copies it twice into Pixel Data (``flatten().tobytes()``); ``_sc_image``
+    sets Rows, Columns and Pixel Data from the picture after, in one copy (35 MB less to copy
+    for the overlay of a 3000 px source, 21 MB for its side-by-side).
+    """
+    return pixels[:1, :1]
+
+
 def _sc_image(
     header: SourceHeader,
     pixels: np.ndarray,
@@ -147,7 +158,7 @@ def _sc_image(
         raise ValueError(f"SC pixels must be uint8 greyscale or RGB, got {pixels.dtype} {pixels.shape}")
     source = header.dataset
     sc = hd.sc.SCImage(
-        pixel_array=pixels,
+        pixel_array=_stand_in(pixels),
         photometric_interpretation="RGB" if pixels.ndim == 3 else "MONOCHROME2",
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
@@ -161,6 +172,9 @@ def _sc_image(
         transfer_syntax_uid=ExplicitVRLittleEndian,  # Orthanc's preview renders it; colour JPEG 2000 it cannot
         contributing_equipment=[equipment.contributing()],
     )
+    # Image Pixel module: the picture itself, copied once (highdicom's flatten().tobytes() copies twice)
+    sc.Rows, sc.Columns = pixels.shape[0], pixels.shape[1]
+    sc.PixelData = np.ascontiguousarray(pixels).tobytes()
     copy_patient_and_study(source, sc)
     if source_orientation(source) is None:
         del sc.PatientOrientation
