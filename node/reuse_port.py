@@ -1,22 +1,21 @@
-"""issue 12: a pynetdicom AE whose storage server binds with ``SO_REUSEPORT``.
+"""issue 12: the storage server, bound with ``SO_REUSEPORT`` so that several SCP processes share a port.
 
 With ``scp_processes`` above 1, ``gvr node`` and its SCP processes listen on one
 address; Linux spreads the incoming connections over them. pynetdicom's
 ``start_server`` builds a ``ThreadedAssociationServer`` (a ``socketserver.TCPServer``);
-this AE substitutes a subclass whose ``server_bind`` sets the option first. Only
-the node's own servers get it: nothing global changes.
+the node's AE (``node.tls_handshake.NodeAE``) substitutes this subclass, whose
+``server_bind`` sets the option first. Only the node's own servers get it: nothing
+global changes.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
 
-from pynetdicom import AE
-from pynetdicom.transport import ThreadedAssociationServer
+from node.tls_handshake import HandshakeInThreadServer
 
 
-class ReusePortAssociationServer(ThreadedAssociationServer):
+class ReusePortAssociationServer(HandshakeInThreadServer):
     """pynetdicom's threaded server, bound with ``SO_REUSEPORT`` (its ``server_bind`` ignores ``allow_reuse_port``)."""
 
     allow_reuse_port = True
@@ -27,11 +26,3 @@ class ReusePortAssociationServer(ThreadedAssociationServer):
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
 
-
-class ReusePortAE(AE):
-    """An AE whose non-blocking server (``start_server(block=False)``) shares its port with other processes."""
-
-    def make_server(self, *args: Any, **kwargs: Any) -> Any:
-        if kwargs.get("server_class") is ThreadedAssociationServer:
-            kwargs["server_class"] = ReusePortAssociationServer
-        return super().make_server(*args, **kwargs)

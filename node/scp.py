@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
@@ -34,9 +34,10 @@ from node.limits import MB
 from node.message_cap import RefusedMessage
 from node.message_cap import install as install_message_cap
 from node.pdu_deadline import install
-from node.reuse_port import ReusePortAE
+from node.reuse_port import ReusePortAssociationServer
 from node.storage_classes import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from node.supervision import describe_error
+from node.tls_handshake import HandshakeInThreadServer, NodeAE
 
 log = logging.getLogger(__name__)
 
@@ -355,9 +356,11 @@ def make_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def build_ae(settings: Settings) -> AE:
-    # issue 12: with several SCP processes, each binds the port with SO_REUSEPORT
-    ae = (ReusePortAE if settings.scp_processes > 1 else AE)(ae_title=settings.ae_title)
+def build_ae(settings: Settings) -> NodeAE:
+    # issue 12: with several SCP processes, each binds the port with SO_REUSEPORT; a TLS handshake runs in
+    # its connection's thread within the ACSE timeout, so one silent caller cannot stop the server accepting
+    server = ReusePortAssociationServer if settings.scp_processes > 1 else HandshakeInThreadServer
+    ae = NodeAE(ae_title=settings.ae_title, server_class=server, handshake_timeout=settings.acse_timeout)
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.network_timeout = settings.network_timeout

@@ -285,13 +285,14 @@ def _running(pid: int) -> bool:
 
 def test_default_is_one_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from node.config import Settings
-    from node.reuse_port import ReusePortAE
+    from node.reuse_port import ReusePortAssociationServer
     from node.scp import build_ae
+    from node.tls_handshake import HandshakeInThreadServer
 
     settings = Settings(data_dir=tmp_path)
     assert settings.scp_processes == 1
-    assert type(build_ae(settings)) is AE
-    assert isinstance(build_ae(settings.model_copy(update={"scp_processes": 2})), ReusePortAE)
+    assert build_ae(settings).server_class is HandshakeInThreadServer
+    assert build_ae(settings.model_copy(update={"scp_processes": 2})).server_class is ReusePortAssociationServer
 
 
 def test_restart_delay_backs_off_for_a_process_that_keeps_dying() -> None:

@@ -7,7 +7,10 @@ client certificate from a second, untrusted CA.
 
 from __future__ import annotations
 
+import socket
 import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -110,3 +113,47 @@ def test_tls_required_test_ca_client_works_plain_refused(
     FIGURES.bad_inputs_refused += len(refused)
     rows = _associations(env["GVR_DATA_DIR"])
     assert [row.tls for row in rows if row.outcome != AssociationOutcome.REJECTED] == [True, True]
+
+
+def test_a_caller_that_never_starts_tls_does_not_stop_the_node_serving_others(
+    node: tuple[dict[str, str], list[ManagedProcess]], pki: Pki, tmp_path: Path
+) -> None:
+    """TCP connections that send nothing (or half a ClientHello) stay open while a trusted client associates,
+    with the default ACSE timeout: the handshake runs in each connection's thread, not the accepting one."""
+    env, started = node
+    env.update(pki.server_env())
+    env.pop("GVR_ACSE_TIMEOUT")  # the default (30 s): the trusted client must not wait for it
+    started.append(start_node(env, tmp_path / "gvr-node-tls-silent.log"))
+    port = int(env["GVR_PORT"])
+    silent = [socket.create_connection((LOOPBACK, port)) for _ in range(3)]
+    silent[0].sendall(b"\x16\x03\x01\x02\x00\x01")  # a TLS record header and the start of a ClientHello
+    try:  # before: the trusted client waited behind the first silent caller for good
+        served: list[bool] = []
+        trusted = pki.client_context(pki.client_cert, pki.client_key)
+        client = threading.Thread(target=lambda: served.append(_tls_association_established(port, trusted)),
+                                  daemon=True)  # fmt: skip
+        client.start()
+        client.join(20)
+        assert served == [True], "a trusted TLS client was not served within 20 s beside silent connections"
+    finally:
+        for connection in silent:
+            connection.close()
+    assert [row.tls for row in _associations(env["GVR_DATA_DIR"])] == [True]
+
+
+def test_a_tls_handshake_that_never_comes_is_closed_at_the_acse_timeout(
+    node: tuple[dict[str, str], list[ManagedProcess]], pki: Pki, tmp_path: Path
+) -> None:
+    """The silent connection is closed after acse_timeout (3 s here), with a log line naming the peer."""
+    env, started = node
+    env.update(pki.server_env())
+    log = tmp_path / "gvr-node-tls-deadline.log"
+    started.append(start_node(env, log))
+    with socket.create_connection((LOOPBACK, int(env["GVR_PORT"]))) as connection:
+        connection.settimeout(20)
+        began = time.monotonic()
+        assert connection.recv(1) == b""  # closed by the node
+        assert 2.5 <= time.monotonic() - began < 15
+    wait_until(lambda: "no TLS handshake within 3 s" in log.read_text(), 10, "the log line")
+    assert f"connection from {LOOPBACK} closed" in log.read_text()
+    assert _associations(env["GVR_DATA_DIR"]) == []
