@@ -3,7 +3,7 @@
 A receiver's speed on one association is bounded by the flushes it waits for before
 it answers, and what it flushes is what its acknowledgement promises. So beside the
 timed runs, ``benchmarks.ingest`` sends a few instances to each receiver once more
-with ``strace -f -y`` attached to the receiver's process (all its threads) and counts
+with ``strace -f -y`` attached to the receiver's processes (all their threads) and counts
 the flush calls by the kind of file they name: the stored instance, a folder (a new
 directory entry), or the index / audit database.
 
@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.ingest_receivers import Receiver, nodelay_env
+from benchmarks.ingest_receivers import Receiver, nodelay_env, tree_pids
 from tests.peers_dcmtk import dcmtk_tool
 
 FLUSH_CALLS = ("fsync", "fdatasync", "sync_file_range", "syncfs", "msync")
@@ -61,7 +61,8 @@ def count_flushes(files: list[Path], receiver: Receiver, work: Path) -> Flushes:
     trace = work / "strace.txt"
     with receiver.serve(work) as listening:
         tracer = subprocess.Popen(
-            ["strace", "-f", "-y", "-e", f"trace={','.join(FLUSH_CALLS)}", "-o", str(trace), "-p", str(listening.pid)],
+            ["strace", "-f", "-y", "-e", f"trace={','.join(FLUSH_CALLS)}", "-o", str(trace),
+             *(arg for pid in tree_pids(listening.pid) for arg in ("-p", str(pid)))],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:

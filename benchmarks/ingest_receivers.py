@@ -60,25 +60,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its live descendants (and children it has reaped), from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total, pending, seen = 0.0, [pid], set()
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its live descendants, from /proc (e.g. the node and its SCP processes)."""
+    found, pending = [], [pid]
     while pending:
         current = pending.pop()
-        if current in seen:
+        if current in found:
             continue
-        seen.add(current)
-        try:
-            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(value) for value in fields[11:15]) / tick  # utime, stime, cutime, cstime
+        found.append(current)
         for task in Path(f"/proc/{current}/task").glob("*/children"):
             try:
                 pending.extend(int(child) for child in task.read_text().split())
             except OSError:
                 continue
+    return found
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and its live descendants (and children it has reaped), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for current in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(value) for value in fields[11:15]) / tick  # utime, stime, cutime, cstime
     return total
 
 
