@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 
 from node.config import Peer
-from node.demo.run import DemoStudy, send_study
+from node.demo.run import DemoStudy, send_study, wait_until_arrived
 from tests.peers_orthanc import Orthanc
 
 # The least Orthanc takes: 0 falls back to its default of 60 s. A study is stable once
@@ -80,15 +80,7 @@ def wait_for_forwarded(pacs: Rest, studies: list[DemoStudy], timeout: float) -> 
     last_image = {
         s.study_uid: str(dcmread(s.files[-1], stop_before_pixels=True).SOPInstanceUID) for s in studies
     }
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        pending = [s for s in studies if s.reported_at is None and s.sent_at]
-        if not pending and all(s.sent_at for s in studies):
-            return
-        for study in pending:
-            if has_instance(pacs, study.study_uid, last_image[study.study_uid]):
-                study.reported_at = time.monotonic()
-        time.sleep(0.1)
+    wait_until_arrived(studies, lambda study: has_instance(pacs, study.study_uid, last_image[study.study_uid]), timeout)
 
 
 def route_singles(router: RouterOrthanc, pacs: Rest, studies: list[DemoStudy], timeout: float) -> None:

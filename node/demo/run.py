@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,13 +140,18 @@ def send_study(study: DemoStudy, node_peer: Peer) -> None:
 
 def wait_for_reports(pacs: DemoPacs, studies: list[DemoStudy], timeout: float) -> None:
     """Poll the PACS until each study holds its Structured Report (or time runs out)."""
+    wait_until_arrived(studies, lambda study: pacs.has_report(study.study_uid), timeout)
+
+
+def wait_until_arrived(studies: list[DemoStudy], arrived: Callable[[DemoStudy], bool], timeout: float) -> None:
+    """Every 0.1 s, stamp ``reported_at`` on each sent study for which ``arrived`` holds, until all have it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = [s for s in studies if s.reported_at is None and s.sent_at]
         if not pending and all(s.sent_at for s in studies):
             return
         for study in pending:
-            if pacs.has_report(study.study_uid):
+            if arrived(study):
                 study.reported_at = time.monotonic()
         time.sleep(0.1)
 
