@@ -72,13 +72,24 @@ def serving_pid(node: NodeProcess, client_port: int) -> int | None:
             inodes.add(f"socket:[{inode}]")
     assert node.proc is not None
     for pid in [node.proc.pid, *child_pids(node.proc.pid)]:
-        try:
-            fds = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
-        except OSError:
-            continue
-        if fds & inodes:
+        if _open_files(pid) & inodes:
             return pid
     return None
+
+
+def _open_files(pid: int) -> set[str]:
+    """What ``pid``'s descriptors point at; one closed while we look is skipped, not the whole process."""
+    targets: set[str] = set()
+    try:
+        descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return targets
+    for descriptor in descriptors:
+        try:
+            targets.add(os.readlink(descriptor))
+        except OSError:
+            continue
+    return targets
 
 
 def listening_pids(node: NodeProcess) -> set[int]:
@@ -89,14 +100,7 @@ def listening_pids(node: NodeProcess) -> set[int]:
         if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == node.port:
             inodes.add(f"socket:[{fields[9]}]")
     assert node.proc is not None
-    pids = set()
-    for pid in [node.proc.pid, *child_pids(node.proc.pid)]:
-        try:
-            if {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()} & inodes:
-                pids.add(pid)
-        except OSError:
-            continue
-    return pids
+    return {pid for pid in [node.proc.pid, *child_pids(node.proc.pid)] if _open_files(pid) & inodes}
 
 
 def open_association(node: NodeProcess) -> tuple[Association, int | None]:
