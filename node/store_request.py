@@ -45,7 +45,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 
-from node.store_response import PDV_OVERHEAD
+from node.store_response import PDV_OVERHEAD, fragment_size
 
 RUN_BYTES = 1 << 20  # about this much per run: few DUL passes, little memory beyond pynetdicom's own queue
 _PDU_HEADER = struct.Struct(">BBIIBB")  # PDU type, reserved, PDU length, item length, context ID, control header
@@ -78,11 +78,11 @@ class DataSetSource:
 
     def __init__(
         self, length: int, path: Path | None = None, offset: int = 0, memory: memoryview | None = None,
-        file: BinaryIO | None = None,
+        file: BinaryIO | None = None, identity: tuple[int, int, int, int] = (0, 0, 0, 0),
     ) -> None:  # fmt: skip
         self.length, self.path, self.offset, self.memory, self.file = length, path, offset, memory, file
         self._owns_file = False
-        self._identity = _identity(os.fstat(file.fileno())) if file is not None else (0, 0, 0, 0)
+        self._identity = identity  # the file's (_identity) when the C-STORE began
 
     @classmethod
     def of(cls, primitive: Any) -> DataSetSource | None:
@@ -123,7 +123,8 @@ class DataSetSource:
     @classmethod
     def from_file(cls, file: BinaryIO, path: Path, offset: int) -> DataSetSource:
         """The data set of an open file from ``offset``; its length from the same descriptor (the caller closes it)."""
-        return cls(os.fstat(file.fileno()).st_size - offset, path, offset, file=file)
+        opened = os.fstat(file.fileno())
+        return cls(opened.st_size - offset, path, offset, file=file, identity=_identity(opened))
 
     def close(self) -> None:
         if self._owns_file and self.file is not None:
@@ -183,7 +184,7 @@ def encode_runs(source: DataSetSource, context_id: int, max_pdu_length: int) -> 
 
     One PDV per PDU, each fragment ``max_pdu_length - 6`` bytes (the whole data set when 0).
     """
-    fragment = source.length if max_pdu_length == 0 else max_pdu_length - PDV_OVERHEAD
+    fragment = fragment_size(source.length, max_pdu_length)
     per_run = max(1, RUN_BYTES // (fragment + _PDU_HEADER.size))
     remaining = source.length
     for chunk in source.chunks(per_run * fragment):
@@ -207,7 +208,7 @@ def encode_pdus(source: DataSetSource, context_id: int, max_pdu_length: int) -> 
 
     For an association whose handlers see each PDU; read through ``source``, so checked as for runs.
     """
-    fragment = source.length if max_pdu_length == 0 else max_pdu_length - PDV_OVERHEAD
+    fragment = fragment_size(source.length, max_pdu_length)
     remaining = source.length
     for piece in source.chunks(fragment):
         remaining -= len(piece)

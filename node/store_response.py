@@ -40,6 +40,12 @@ MAX_UID_LENGTH = 64
 _VALID_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
+def fragment_size(length: int, max_pdu_length: int) -> int:
+    """Bytes per PDV fragment of a ``length``-byte message part: all of it when the peer's maximum PDU
+    length is 0 (unlimited), else that maximum less ``PDV_OVERHEAD`` (as ``DIMSEMessage.encode_msg``)."""
+    return length if max_pdu_length == 0 else max_pdu_length - PDV_OVERHEAD
+
+
 def _implicit(group_element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, group_element, len(value)) + value
 
@@ -89,7 +95,7 @@ def command_p_data(command_set: bytes, context_id: int, max_pdu_length: int) -> 
 
     ``max_pdu_length`` is 0 (unlimited) or at least 7; the caller leaves smaller ones to pynetdicom.
     """
-    size = len(command_set) if max_pdu_length == 0 else max_pdu_length - PDV_OVERHEAD
+    size = fragment_size(len(command_set), max_pdu_length)
     fragments = [command_set[offset : offset + size] for offset in range(0, len(command_set), size)]
     primitives = []
     for index, fragment in enumerate(fragments):
